@@ -1,0 +1,105 @@
+# berth: build, install, run and test.
+#
+#   make deps      Debian packages the runtime and the tests need (only the missing ones)
+#   make install   deps + the Python package (editable) + systemd unit, tmpfiles.d entry, example config
+#   make run       install, then berthd in the foreground with its defaults
+#   make test      install, then the unit, integration and security tests
+#   make bench     containerd + install, then the figures side by side with containerd
+#   make lint      pyflakes if it is installed, else a byte-compile pass
+#   make chaos     fault-injection soak for $(DURATION) seconds
+#
+# Everything here runs as root: berthd mounts, creates cgroups and runs containers.
+
+PYTHON      ?= python3
+PIP         ?= $(PYTHON) -m pip
+PYTEST_ARGS ?= -n 2 -q
+DURATION    ?= 600
+
+# runc and crun: OCI runtimes; docker-registry, skopeo, umoci: a local registry and
+# tools to fill it; busybox-static: the test image's payload; criu: checkpoint and
+# restore; apache2-utils: htpasswd, for registries behind basic auth.
+DEBS        := runc crun docker-registry skopeo umoci busybox-static criu apache2-utils
+# Only the benchmarks compare against containerd.
+BENCH_DEBS  := containerd
+
+SYSTEMD_UNIT_DIR := /etc/systemd/system
+TMPFILES_DIR     := /usr/lib/tmpfiles.d
+CONFIG_DIR       := /etc/berth
+BIN_DIR          := /usr/local/bin
+# Where pip puts console scripts for this interpreter (under pyenv it is not
+# /usr/local/bin, which is where the unit looks).
+SCRIPTS_DIR      := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))")
+
+# install_debs(packages): apt-get only what dpkg does not report as installed,
+# refreshing the package lists once and only if something is missing. The
+# packages' own services (docker-registry, containerd) are kept from starting
+# unless the machine already has a policy: the tests and benchmarks start their
+# own on ports and roots they choose.
+define install_debs
+	@missing=; \
+	for p in $(1); do \
+		case "$$(dpkg-query -W -f='$${Status}' $$p 2>/dev/null)" in \
+			*" ok installed") ;; \
+			*) missing="$$missing $$p" ;; \
+		esac; \
+	done; \
+	if [ -z "$$missing" ]; then \
+		echo "deps: $(strip $(1)) already installed"; \
+	else \
+		echo "deps: installing$$missing"; \
+		policy=; \
+		if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			policy=/usr/sbin/policy-rc.d; \
+			printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 0755 $$policy; \
+			trap 'rm -f $$policy' EXIT; \
+		fi; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && \
+		apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $$missing; \
+	fi
+endef
+
+.PHONY: all deps bench-deps install run test bench lint chaos
+
+all: install
+
+deps:
+	$(call install_debs,$(DEBS))
+
+# Both lists in one pass, so a fresh machine refreshes the package lists once.
+bench-deps:
+	$(call install_debs,$(DEBS) $(BENCH_DEBS))
+
+install: deps
+	$(PIP) install -e '.[test]'
+	@if [ "$(SCRIPTS_DIR)" != "$(BIN_DIR)" ]; then \
+		for s in berthd berth; do \
+			echo "ln -sfn $(SCRIPTS_DIR)/$$s $(BIN_DIR)/$$s"; \
+			install -d $(BIN_DIR) && ln -sfn "$(SCRIPTS_DIR)/$$s" "$(BIN_DIR)/$$s"; \
+		done; \
+	fi
+	install -D -m 0644 systemd/berthd.service $(SYSTEMD_UNIT_DIR)/berthd.service
+	install -D -m 0644 systemd/berth.conf $(TMPFILES_DIR)/berth.conf
+	install -D -m 0644 systemd/config.toml.example $(CONFIG_DIR)/config.toml.example
+
+# The script pip just wrote, not whatever `berthd` PATH finds first.
+run: install
+	$(SCRIPTS_DIR)/berthd
+
+test: install
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: bench-deps install
+	$(PYTHON) -m tests.bench
+
+lint:
+	@if $(PYTHON) -c "import pyflakes" 2>/dev/null; then \
+		echo "$(PYTHON) -m pyflakes bus actors berth shimd tests"; \
+		$(PYTHON) -m pyflakes bus actors berth shimd tests; \
+	else \
+		echo "$(PYTHON) -m compileall -q bus actors berth shimd (pyflakes not installed)"; \
+		$(PYTHON) -m compileall -q bus actors berth shimd; \
+	fi
+
+chaos: install
+	$(PYTHON) -m tests.chaos --duration $(DURATION)

@@ -1,0 +1,175 @@
+"""The template: a pre-imported process from which every actor is forked.
+
+It is forked by the supervisor before the supervisor touches ZeroMQ (libzmq's threads do not
+survive fork), imports every actor module once, freezes the GC so those pages stay shared, then
+forks an actor whenever the supervisor asks and reports each child's start and exit.
+Everything dies with the supervisor: the template and each actor hold PR_SET_PDEATHSIG.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib
+import logging
+import os
+import select
+import signal
+import socket
+
+from setproctitle import setproctitle
+
+from bus import codec
+
+log = logging.getLogger("berth.template")
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL us when the parent goes; if it already went, go now."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def exit_status(wait_status: int) -> int:
+    """Shell convention: the exit code, or 128 + the signal that killed it."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+class Template:
+    """The supervisor's handle on the template process."""
+
+    def __init__(self, pid: int, sock: socket.socket):
+        self.pid = pid
+        self.sock = sock
+        self.sock.setblocking(False)
+
+    @classmethod
+    def fork(cls, config) -> "Template":
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            code = 1
+            try:
+                code = _serve(theirs, config, parent)
+            except BaseException:
+                log.exception("template failed")
+            finally:
+                os._exit(code)
+        theirs.close()
+        return cls(pid, ours)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def spawn(self, name: str) -> None:
+        self.sock.send(codec.pack({"op": "spawn", "name": name}))
+
+    def messages(self) -> list[dict]:
+        out = []
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return out
+            if not data:
+                out.append({"op": "gone"})
+                return out
+            out.append(codec.unpack(data))
+
+    def quit(self) -> None:
+        try:
+            self.sock.send(codec.pack({"op": "quit"}))
+        except OSError:
+            pass
+        os.waitpid(self.pid, 0)
+
+
+def _serve(sock: socket.socket, config, parent: int) -> int:
+    setproctitle("berthd: template")
+    die_with_parent(parent)
+    os.setpgid(0, 0)                 # a terminal's Ctrl-C reaches the supervisor alone
+    from actors.registry import ACTORS
+    for spec in ACTORS:
+        importlib.import_module(spec.module)
+    gc.collect()
+    gc.freeze()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    children: dict[int, str] = {}
+    me = os.getpid()
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        try:
+            ready = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, _ in ready:
+            if fd == wake_r:
+                _drain(wake_r)
+                _reap(children, sock)
+                continue
+            data = sock.recv(4096)
+            msg = codec.unpack(data) if data else {"op": "quit"}
+            if msg["op"] == "quit":
+                for pid in children:
+                    os.kill(pid, signal.SIGKILL)
+                return 0
+            pid = os.fork()
+            if pid == 0:
+                _become_actor(msg["name"], config, me, sock, (wake_r, wake_w))
+            children[pid] = msg["name"]
+            sock.send(codec.pack({"op": "started", "name": msg["name"], "pid": pid}))
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _reap(children: dict[int, str], sock: socket.socket) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        name = children.pop(pid, None)
+        if name is not None:
+            sock.send(codec.pack({"op": "exited", "name": name, "pid": pid, "status": exit_status(status)}))
+
+
+def _become_actor(name: str, config, template: int, sock: socket.socket, fds: tuple[int, int]) -> None:
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sock.close()
+        for fd in fds:
+            os.close(fd)
+        setproctitle(f"berthd: {name}")
+        die_with_parent(template)
+        from actors.registry import BY_NAME
+        from bus.worker import Worker
+        actor = BY_NAME[name].build(config)
+        Worker(actor, config.actors_address).run()
+        code = 0
+    except BaseException:
+        logging.getLogger(f"berth.{name}").exception("actor %s failed", name)
+    finally:
+        logging.shutdown()
+        os._exit(code)

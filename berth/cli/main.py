@@ -1,0 +1,48 @@
+"""`berth`: the command line, shaped like containerd's `ctr` so its users' habits carry over."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Command groups, each a module in berth.cli with register(subparsers).
+GROUPS = ["version", "namespaces", "events", "debug"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="berth", description="berth: a container runtime. Talks to berthd.")
+    p.add_argument("-a", "--address", default=os.environ.get("BERTH_ADDRESS", "/run/berth/berth.sock"),
+                   help="berthd's socket (env BERTH_ADDRESS; default %(default)s)")
+    p.add_argument("-n", "--namespace", default=os.environ.get("BERTH_NAMESPACE", "default"),
+                   help="namespace to work in (env BERTH_NAMESPACE; default %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for berthd (default 30)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for group in GROUPS:
+        importlib.import_module(f"berth.cli.{group}").register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from bus.errors import BerthError
+    try:
+        from berth.client import Client
+        client = Client(args.address, args.namespace, timeout=args.timeout)
+        code = args.func(client, args)
+    except BerthError as e:
+        print(f"berth: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

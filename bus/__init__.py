@@ -1,0 +1,1 @@
+"""The transport: msgpack envelopes over ZeroMQ between clients, the router and the actors."""

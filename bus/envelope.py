@@ -1,0 +1,96 @@
+"""The request and reply envelopes (docs/wire.md), checked as they are decoded."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from bus import codec
+from bus.errors import BerthError, InvalidArgument, from_wire
+
+
+@dataclasses.dataclass(slots=True)
+class Request:
+    id: int | str
+    service: str
+    method: str
+    namespace: str | None = None
+    lease: str | None = None
+    deadline: float | None = None      # absolute, seconds since the epoch
+    args: dict = dataclasses.field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return codec.pack({"id": self.id, "service": self.service, "method": self.method,
+                           "namespace": self.namespace, "lease": self.lease,
+                           "deadline": self.deadline, "args": self.args})
+
+    @classmethod
+    def decode(cls, frame: bytes) -> "Request":
+        raw = codec.unpack(frame)
+        if not isinstance(raw, dict):
+            raise InvalidArgument("request must be a msgpack map")
+        rid = raw.get("id")
+        if not isinstance(rid, (int, str)) or isinstance(rid, bool) or (isinstance(rid, str) and len(rid) > 128):
+            raise InvalidArgument("request id must be an integer or a short string")
+        req = cls(id=rid, service=_name(raw, "service"), method=_name(raw, "method"))
+        for key in ("namespace", "lease"):
+            value = raw.get(key)
+            if value is not None and not isinstance(value, str):
+                raise InvalidArgument(f"request {key} must be a string")
+            setattr(req, key, value or None)
+        deadline = raw.get("deadline")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
+            raise InvalidArgument("request deadline must be a number")
+        req.deadline = deadline
+        args = raw.get("args", {})
+        if args is None:
+            args = {}
+        if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+            raise InvalidArgument("request args must be a map with string keys")
+        req.args = args
+        return req
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.time()) > self.deadline
+
+
+def _name(raw: dict, key: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise InvalidArgument(f"request {key} must be a non-empty string")
+    return value
+
+
+@dataclasses.dataclass(slots=True)
+class Reply:
+    id: int | str | None
+    ok: bool = True
+    result: object = None
+    error: dict | None = None
+    more: bool = False
+
+    def encode(self) -> bytes:
+        body: dict = {"id": self.id, "ok": self.ok}
+        if self.ok:
+            body["result"] = self.result
+        else:
+            body["error"] = self.error
+        if self.more:
+            body["more"] = True
+        return codec.pack(body)
+
+    @classmethod
+    def failure(cls, rid: int | str | None, exc: BerthError) -> "Reply":
+        return cls(id=rid, ok=False, error=exc.to_wire())
+
+    @classmethod
+    def decode(cls, frame: bytes) -> "Reply":
+        raw = codec.unpack(frame)
+        if not isinstance(raw, dict) or "ok" not in raw:
+            raise InvalidArgument("reply must be a msgpack map with 'ok'")
+        return cls(id=raw.get("id"), ok=bool(raw["ok"]), result=raw.get("result"),
+                   error=raw.get("error"), more=bool(raw.get("more", False)))
+
+    def unwrap(self) -> object:
+        if not self.ok:
+            raise from_wire(self.error)
+        return self.result

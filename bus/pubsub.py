@@ -1,0 +1,101 @@
+"""Publishing events with acknowledgement, and the spool that keeps them while nobody listens.
+
+A publisher writes each event to its spool directory before returning, then a sender thread
+forwards spooled events to the events actor in order and deletes each one once it is
+acknowledged. The events actor accepts an event id once, so a resend after a crash is harmless.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+
+from bus import codec
+from bus.errors import BerthError
+
+log = logging.getLogger("berth.publisher")
+
+
+class Publisher:
+    def __init__(self, address: str, spool_dir: str, *, sync: bool = False):
+        self.address = address
+        self.spool_dir = spool_dir
+        self.sync = sync                     # fsync each spooled event (shims: exits must survive)
+        os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+        self.counter = 0
+        self.wake = threading.Condition()
+        self.closing = False
+        self.thread = threading.Thread(target=self._send_loop, name="publisher", daemon=True)
+        self.thread.start()
+
+    def publish(self, namespace: str | None, topic: str, event: dict) -> str:
+        """Spool one event for delivery; returns its id."""
+        event_id = uuid.uuid4().hex
+        with self.wake:
+            self.counter += 1
+            name = f"{time.time_ns():020d}-{self.counter:08d}"
+        record = codec.pack({"id": event_id, "namespace": namespace, "topic": topic,
+                             "event": event, "timestamp": time.time()})
+        tmp = os.path.join(self.spool_dir, f".{name}")
+        with open(tmp, "wb") as f:
+            f.write(record)
+            if self.sync:
+                os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(self.spool_dir, name))
+        with self.wake:
+            self.wake.notify()
+        return event_id
+
+    def pending(self) -> int:
+        return sum(1 for n in os.listdir(self.spool_dir) if not n.startswith("."))
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Give queued events a moment to go out; what remains stays spooled for next time."""
+        deadline = time.monotonic() + timeout
+        while self.pending() and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.01)
+        with self.wake:
+            self.closing = True
+            self.wake.notify()
+        self.thread.join(timeout)
+
+    def _send_loop(self) -> None:
+        from bus.client import Connection
+        conn = None
+        backoff = 0.05
+        while True:
+            names = sorted(n for n in os.listdir(self.spool_dir) if not n.startswith("."))
+            if not names:
+                with self.wake:
+                    if self.closing:
+                        break
+                    self.wake.wait(1.0)
+                continue
+            try:
+                if conn is None:
+                    conn = Connection(self.address, timeout=5.0)
+                for name in names:
+                    path = os.path.join(self.spool_dir, name)
+                    with open(path, "rb") as f:
+                        record = codec.unpack(f.read())
+                    conn.call("events", "forward", record, namespace=record.get("namespace"))
+                    os.unlink(path)
+                backoff = 0.05
+            except BerthError as e:
+                if e.code.value == "InvalidArgument":
+                    log.error("dropping an event the events actor refused: %s", e)
+                    os.unlink(path)
+                    continue
+                log.debug("events actor not reachable (%s); retrying", e)
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                with self.wake:
+                    if self.closing:
+                        break
+                    self.wake.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+        if conn is not None:
+            conn.close()

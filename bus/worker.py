@@ -1,0 +1,279 @@
+"""The actor side of the bus: the loop that decodes a request, calls a method, encodes the reply.
+
+An actor is a plain class of `@method`s wrapped around its service logic. Quick methods run on
+the loop; `@method(blocking=True)` ones run on a small thread pool and hand their replies back
+through a queue, so the loop never waits on disk or network. Signals arrive as bytes on a wakeup
+pipe and become ordinary events on the loop.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import struct
+import threading
+import time
+import traceback
+from typing import Callable, Iterator
+
+import zmq
+
+from bus import codec
+from bus.envelope import Reply, Request
+from bus.errors import BerthError, DeadlineExceeded, Internal, InvalidArgument, NotImplementedErr
+from bus.validate import Schema, check_identifier
+
+log = logging.getLogger("berth.worker")
+
+# Control words on the actors socket (docs/wire.md, "Router and actors").
+REG, REQ, REP, MORE, PING, PONG = b"REG", b"REQ", b"REP", b"MORE", b"PING", b"PONG"
+
+
+@dataclasses.dataclass(slots=True)
+class Call:
+    """What a method may want to know about the request beyond its args."""
+    id: int | str
+    namespace: str | None
+    lease: str | None
+    deadline: float | None
+    frames: list[bytes]
+
+
+@dataclasses.dataclass(slots=True)
+class Bulk:
+    """A result with raw byte frames attached (blob chunks travel outside msgpack)."""
+    result: object
+    frames: list[bytes]
+
+
+@dataclasses.dataclass(slots=True)
+class MethodSpec:
+    fn: Callable
+    schema: Schema
+    blocking: bool
+    stream: bool
+    wants_ns: bool
+    wants_call: bool
+
+
+def method(fn=None, *, blocking: bool = False, stream: bool = False):
+    """Expose a method on the bus; its signature is its schema (bus.validate.Schema)."""
+    def mark(f):
+        f.__bus_method__ = (blocking, stream)
+        return f
+    return mark(fn) if fn is not None else mark
+
+
+class Actor:
+    """Base of every actor: `name`, `@method`s, optional `on_start`, `on_stop`, `stats`, timers."""
+
+    name = ""
+    pool_size = 4
+    methods: dict[str, MethodSpec]
+    worker: "Worker"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        table = {}
+        for attr in dir(cls):
+            fn = getattr(cls, attr, None)
+            flags = getattr(fn, "__bus_method__", None)
+            if flags is None:
+                continue
+            params = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+            table[attr] = MethodSpec(fn, Schema.of(fn), flags[0], flags[1], "ns" in params, "call" in params)
+        cls.methods = table
+
+    # Hooks, overridden where needed.
+    def on_start(self) -> None: ...
+
+    def on_stop(self) -> None: ...
+
+    def stats(self) -> dict:
+        return {}
+
+
+class Worker:
+    """Runs one actor: connects to the router, registers, and serves until told to stop."""
+
+    def __init__(self, actor: Actor, actors_address: str, ctx: zmq.Context | None = None):
+        self.actor = actor
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, actor.name.encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.connect(actors_address)
+        self.pool = concurrent.futures.ThreadPoolExecutor(actor.pool_size, thread_name_prefix=actor.name)
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.timers: list[list] = []       # [next_due, interval, fn]
+        self.readers: dict = {}            # extra sockets or fds the actor serves on this loop
+        self.in_flight = 0
+        self.served = 0
+        self.stopping = False
+        actor.worker = self
+
+    def add_reader(self, sock, fn: Callable[[], None]) -> None:
+        self.readers[sock] = fn
+
+    def every(self, interval: float, fn: Callable[[], None]) -> None:
+        self.timers.append([time.monotonic() + interval, interval, fn])
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        signal.set_wakeup_fd(self.sig_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
+        self.actor.on_start()
+        poller = zmq.Poller()
+        for sock in (self.sock, self.wake_r, self.sig_r, *self.readers):
+            poller.register(sock, zmq.POLLIN)
+        self.sock.send_multipart([REG, struct.pack("!I", os.getpid())])
+        while not self.stopping:
+            timeout = self._run_timers()
+            for item, _ in poller.poll(timeout):
+                if item is self.sock:
+                    self._drain_socket()
+                elif item == self.wake_r:
+                    _drain_fd(self.wake_r)
+                    self._flush_outbox()
+                elif item == self.sig_r:
+                    if _drain_fd(self.sig_r):
+                        self.stopping = True
+                else:
+                    self.readers[item]()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self._flush_outbox()
+        self.actor.on_stop()
+        self.sock.close()
+
+    def _run_timers(self) -> int:
+        if not self.timers:
+            return 1000
+        now = time.monotonic()
+        for timer in self.timers:
+            if timer[0] <= now:
+                timer[0] = now + timer[1]
+                try:
+                    timer[2]()
+                except Exception:
+                    log.exception("%s: timer %s failed", self.actor.name, timer[2])
+        return max(0, int((min(t[0] for t in self.timers) - time.monotonic()) * 1000)) + 1
+
+    def _drain_socket(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            kind = frames[0]
+            if kind == REQ and len(frames) >= 4:
+                self._on_request(frames[1], frames[2], frames[3], frames[4:])
+            elif kind == PING and len(frames) == 2:
+                stats = dict(self.actor.stats(), in_flight=self.in_flight, served=self.served,
+                             pid=os.getpid())
+                self.sock.send_multipart([PONG, frames[1], codec.pack(stats)])
+
+    def _on_request(self, token: bytes, client: bytes, header: bytes, bulk: list[bytes]) -> None:
+        route = [token, client]
+        try:
+            req = Request.decode(header)
+        except BerthError as e:
+            self._send_reply(route, Reply.failure(None, e), [])
+            return
+        self.served += 1
+        try:
+            spec, kwargs, call = self._bind(req, bulk)
+        except BerthError as e:
+            self._send_reply(route, Reply.failure(req.id, e), [])
+            return
+        if spec.blocking:
+            self.in_flight += 1
+            self.pool.submit(self._run_in_thread, spec, kwargs, call, route)
+        else:
+            self._invoke(spec, kwargs, call, route, self._send_reply)
+
+    def _bind(self, req: Request, bulk: list[bytes]):
+        spec = self.actor.methods.get(req.method)
+        if spec is None or req.method.startswith("_"):
+            raise NotImplementedErr(f"{self.actor.name} has no method {req.method!r}")
+        if req.expired():
+            raise DeadlineExceeded(f"{req.service}.{req.method}: deadline passed before it ran")
+        kwargs = spec.schema.bind(req.args)
+        if spec.wants_ns:
+            if req.namespace is None:
+                raise InvalidArgument("namespace is required")
+            kwargs["ns"] = check_identifier(req.namespace, "namespace")
+        call = Call(req.id, req.namespace, req.lease, req.deadline, bulk)
+        if spec.wants_call:
+            kwargs["call"] = call
+        return spec, kwargs, call
+
+    def _invoke(self, spec: MethodSpec, kwargs: dict, call: Call, route: list, send) -> None:
+        try:
+            result = spec.fn(self.actor, **kwargs)
+            if spec.stream:
+                for item in result:
+                    result_frames = _split(item)
+                    send(route, Reply(call.id, result=result_frames[0], more=True), result_frames[1])
+                result = None
+            result, frames = _split(result)
+            send(route, Reply(call.id, result=result), frames)
+        except BerthError as e:
+            send(route, Reply.failure(call.id, e), [])
+        except Exception:
+            log.error("%s.%s failed:\n%s", self.actor.name, spec.fn.__name__, traceback.format_exc())
+            send(route, Reply.failure(call.id, Internal(f"{self.actor.name}.{spec.fn.__name__}: internal error")), [])
+
+    def _run_in_thread(self, spec, kwargs, call, route) -> None:
+        try:
+            self._invoke(spec, kwargs, call, route, self._post_reply)
+        finally:
+            self.outbox.put(None)        # marks the end of one blocking call
+            os.write(self.wake_w, b"x")
+
+    def _post_reply(self, route, reply, frames) -> None:
+        self.outbox.put((route, reply, frames))
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass                         # the pipe is full: the loop is already awake
+
+    def _flush_outbox(self) -> None:
+        while True:
+            try:
+                item = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self.in_flight -= 1
+            else:
+                self._send_reply(*item)
+
+    def _send_reply(self, route: list, reply: Reply, frames: list[bytes]) -> None:
+        kind = MORE if reply.more else REP
+        code = b"" if reply.ok else str(reply.error.get("code", "")).encode()
+        self.sock.send_multipart([kind, route[0], route[1], code, reply.encode(), *frames])
+
+
+def _split(item) -> tuple[object, list[bytes]]:
+    if isinstance(item, Bulk):
+        return item.result, item.frames
+    return item, []
+
+
+def _drain_fd(fd: int) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk

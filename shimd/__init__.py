@@ -1,0 +1,1 @@
+"""The shim: one process per container that owns the container's life."""
