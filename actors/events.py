@@ -8,7 +8,9 @@ The wire format is in docs/events.md.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import math
 import os
 import struct
 import time
@@ -23,6 +25,7 @@ log = logging.getLogger("berth.events")
 SEGMENT_EVENTS = 10_000
 MAX_EVENT_BYTES = 64 << 10
 MAX_REPLAY = 5_000
+MAX_TIMESTAMP = 253_402_300_800.0    # 10000-01-01: past it, dates do not print
 _LEN = struct.Struct("!I")
 
 
@@ -75,6 +78,7 @@ class EventLog:
         """Append one event; returns (envelope, new). A known id returns its seq, not new."""
         if event_id and event_id in self.ids:
             return {"seq": self.ids[event_id], "id": event_id}, False
+        check_event(event, timestamp)
         seq = self.head + 1
         envelope = {"seq": seq, "timestamp": timestamp or self.clock(), "namespace": namespace,
                     "topic": topic, "event": event, "id": event_id}
@@ -137,6 +141,24 @@ class EventLog:
             self.current = None
 
 
+def check_event(event: dict, timestamp: float | None) -> None:
+    """What every reader must be able to print: fields named by strings at every level (as JSON
+    needs), a timestamp that is a date. One bad event would otherwise break `berth events`
+    for everyone reading the log after it."""
+    if timestamp is not None and not (math.isfinite(timestamp) and 0 <= timestamp < MAX_TIMESTAMP):
+        raise InvalidArgument(f"event timestamp {timestamp!r} is not seconds since the epoch")
+    stack: list = [event]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str):
+                    raise InvalidArgument(f"event field names must be strings, not {type(key).__name__}")
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
 def _records(path: str):
     with open(path, "rb") as f:
         data = f.read()
@@ -189,6 +211,8 @@ class EventsActor(Actor):
         self.log.close()
         if self.pub is not None:
             self.pub.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.pub_address[len("ipc://"):])
 
     def stats(self) -> dict:
         return {"head": self.log.head, "first": self.log.first, "subscribers": self.subscribers}

@@ -1,4 +1,4 @@
-"""The metadata service: namespaces (and, as berth grows, images, containers and leases).
+"""The metadata service: namespaces, images, containers and leases.
 
 `MetadataStore` is the logic over one SQLite database in WAL mode, every change a transaction;
 `MetadataActor` is its wire adapter. Events go out through the publisher after each commit.
@@ -6,15 +6,26 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
+import re
+import secrets
 import sqlite3
+import threading
 import time
 from typing import Callable
 
-from bus.errors import AlreadyExists, FailedPrecondition, NotFound
-from bus.validate import Identifier, Labels, check_labels
+import logging
+
+import msgpack
+
+from bus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from bus.filters import parse as parse_filters
+from bus.validate import Digest, Identifier, Labels, check_digest, check_identifier, check_labels
 from bus.worker import Actor, method
+
+log = logging.getLogger("berth.metadata")
 
 Publish = Callable[[str | None, str, dict], None]
 
@@ -25,10 +36,53 @@ CREATE TABLE IF NOT EXISTS namespaces (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS images (
+    namespace TEXT NOT NULL REFERENCES namespaces(name),
+    name TEXT NOT NULL,
+    target TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE IF NOT EXISTS containers (
+    namespace TEXT NOT NULL REFERENCES namespaces(name),
+    id TEXT NOT NULL,
+    image TEXT NOT NULL DEFAULT '',
+    runtime TEXT NOT NULL,
+    spec BLOB,
+    snapshotter TEXT NOT NULL DEFAULT '',
+    snapshot_key TEXT NOT NULL DEFAULT '',
+    labels TEXT NOT NULL DEFAULT '{}',
+    extensions BLOB,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (namespace, id)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    namespace TEXT NOT NULL REFERENCES namespaces(name),
+    id TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    PRIMARY KEY (namespace, id)
+);
+CREATE TABLE IF NOT EXISTS lease_resources (
+    namespace TEXT NOT NULL,
+    lease TEXT NOT NULL,
+    type TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    PRIMARY KEY (namespace, lease, type, resource),
+    FOREIGN KEY (namespace, lease) REFERENCES leases(namespace, id) ON DELETE CASCADE
+);
 """
 
 # Tables whose rows belong to a namespace; a namespace holding any of them cannot be deleted.
-NAMESPACED_TABLES: list[str] = []
+NAMESPACED_TABLES = ["images", "containers", "leases"]
+EXPIRE_LABEL = "containerd.io/gc.expire"
+GC_ROOT = "containerd.io/gc.root"
+GC_REF_CONTENT = "containerd.io/gc.ref.content"
+INGEST_EXPIRY = 24 * 3600.0       # an unleased ingest idle this long is swept
+RESOURCE_TYPES = re.compile(r"(content|ingests|snapshots/[a-z0-9]+)\Z")
 
 
 def apply_fieldpaths(current: dict, labels: dict, fieldpaths: list[str]) -> dict:
@@ -58,16 +112,19 @@ class MetadataStore:
         self.db.executescript(SCHEMA)
         self.publish = publish
         self.clock = clock
+        self.lock = threading.RLock()
 
     @contextlib.contextmanager
     def tx(self):
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        """One transaction; the lock keeps the GC's thread and the loop out of each other's."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
@@ -84,12 +141,18 @@ class MetadataStore:
         self.publish(name, "/namespaces/create", {"name": name, "labels": labels})
         return self.get_namespace(name)
 
-    def ensure_namespace(self, db: sqlite3.Connection, name: str) -> None:
-        """Objects created in a namespace bring it into being, as containerd's do."""
-        if db.execute("SELECT 1 FROM namespaces WHERE name=?", (name,)).fetchone() is None:
-            now = self.clock()
-            db.execute("INSERT INTO namespaces VALUES (?,?,?,?)", (name, "{}", now, now))
-            self.publish(name, "/namespaces/create", {"name": name, "labels": {}})
+    @contextlib.contextmanager
+    def tx_in(self, ns: str):
+        """A transaction that first brings namespace `ns` into being if needed, as containerd does
+        when an object is created in it."""
+        with self.tx() as db:
+            created = db.execute("SELECT 1 FROM namespaces WHERE name=?", (ns,)).fetchone() is None
+            if created:
+                now = self.clock()
+                db.execute("INSERT INTO namespaces VALUES (?,?,?,?)", (ns, "{}", now, now))
+            yield db
+        if created:
+            self.publish(ns, "/namespaces/create", {"name": ns, "labels": {}})
 
     def get_namespace(self, name: str) -> dict:
         row = self.db.execute("SELECT name, labels, created_at, updated_at FROM namespaces WHERE name=?",
@@ -122,16 +185,349 @@ class MetadataStore:
         self.publish(name, "/namespaces/delete", {"name": name})
 
 
+    # --- images -------------------------------------------------------------------------
+
+    def create_image(self, ns: str, name: str, target: dict, labels: dict | None = None) -> dict:
+        check_image_name(name)
+        target, labels = check_descriptor(target), check_labels(labels or {})
+        now = self.clock()
+        with self.tx_in(ns) as db:
+            if self._image_row(ns, name):
+                raise AlreadyExists(f"image {name} already exists")
+            db.execute("INSERT INTO images VALUES (?,?,?,?,?,?)",
+                       (ns, name, json.dumps(target), json.dumps(labels), now, now))
+        self.publish(ns, "/images/create", {"name": name, "labels": labels})
+        return self.get_image(ns, name)
+
+    def get_image(self, ns: str, name: str) -> dict:
+        row = self._image_row(ns, name)
+        if row is None:
+            raise NotFound(f"image {name} not found")
+        return _image(row)
+
+    def list_images(self, ns: str, filters: list[str] = ()) -> list[dict]:
+        match = parse_filters(filters).match
+        rows = self.db.execute("SELECT * FROM images WHERE namespace=? ORDER BY name", (ns,))
+        return [image for image in map(_image, rows) if match(image)]
+
+    def update_image(self, ns: str, name: str, target: dict | None = None, labels: dict | None = None,
+                     fieldpaths: list[str] = ()) -> dict:
+        """Change the target and/or labels; with fieldpaths only those (`target`, `labels.k`) change."""
+        with self.tx() as db:
+            image = self.get_image(ns, name)
+            paths = list(fieldpaths)
+            if target is not None and (not paths or "target" in paths):
+                image["target"] = check_descriptor(target)
+            label_paths = [p for p in paths if p.startswith("labels")]
+            if labels is not None and (label_paths or not paths):
+                image["labels"] = apply_fieldpaths(image["labels"], check_labels(labels), label_paths)
+            db.execute("UPDATE images SET target=?, labels=?, updated_at=? WHERE namespace=? AND name=?",
+                       (json.dumps(image["target"]), json.dumps(image["labels"]), self.clock(), ns, name))
+        self.publish(ns, "/images/update", {"name": name, "labels": image["labels"]})
+        return self.get_image(ns, name)
+
+    def put_image(self, ns: str, name: str, target: dict, labels: dict | None = None) -> dict:
+        """Create the image, or point an existing one at a new target (what a pull does)."""
+        try:
+            return self.create_image(ns, name, target, labels)
+        except AlreadyExists:
+            return self.update_image(ns, name, target, labels, ["target"] + [f"labels.{k}" for k in labels or {}])
+
+    def delete_image(self, ns: str, name: str) -> None:
+        with self.tx() as db:
+            if db.execute("DELETE FROM images WHERE namespace=? AND name=?", (ns, name)).rowcount == 0:
+                raise NotFound(f"image {name} not found")
+        self.publish(ns, "/images/delete", {"name": name})
+
+    def _image_row(self, ns: str, name: str):
+        return self.db.execute("SELECT * FROM images WHERE namespace=? AND name=?", (ns, name)).fetchone()
+
+    # --- containers ---------------------------------------------------------------------
+
+    def create_container(self, ns: str, id: str, runtime: dict, spec: dict | None = None, image: str = "",
+                         snapshotter: str = "", snapshot_key: str = "", labels: dict | None = None,
+                         extensions: dict | None = None) -> dict:
+        check_identifier(id, "container id")
+        labels = check_labels(labels or {})
+        if not isinstance(runtime.get("name"), str) or not runtime["name"]:
+            raise InvalidArgument("container runtime needs a name")
+        if snapshot_key and not snapshotter:
+            raise InvalidArgument("a snapshot key needs a snapshotter")
+        now = self.clock()
+        with self.tx_in(ns) as db:
+            if self._container_row(ns, id):
+                raise AlreadyExists(f"container {id} already exists")
+            db.execute("INSERT INTO containers VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       (ns, id, image, json.dumps(runtime), _pack(spec), snapshotter, snapshot_key,
+                        json.dumps(labels), _pack(extensions or {}), now, now))
+        self.publish(ns, "/containers/create", {"id": id, "image": image, "runtime": runtime})
+        return self.get_container(ns, id)
+
+    def get_container(self, ns: str, id: str) -> dict:
+        row = self._container_row(ns, id)
+        if row is None:
+            raise NotFound(f"container {id} not found")
+        return _container(row)
+
+    def list_containers(self, ns: str, filters: list[str] = ()) -> list[dict]:
+        match = parse_filters(filters).match
+        rows = self.db.execute("SELECT * FROM containers WHERE namespace=? ORDER BY id", (ns,))
+        return [c for c in map(_container, rows) if match(c)]
+
+    def update_container(self, ns: str, id: str, labels: dict | None = None, spec: dict | None = None,
+                         extensions: dict | None = None, fieldpaths: list[str] = ()) -> dict:
+        """Labels, spec and extensions may change; image, runtime and snapshot may not (as containerd)."""
+        with self.tx() as db:
+            c = self.get_container(ns, id)
+            label_paths = [p for p in fieldpaths if p.startswith("labels")]
+            if labels is not None:
+                c["labels"] = apply_fieldpaths(c["labels"], check_labels(labels), label_paths)
+            if spec is not None:
+                c["spec"] = spec
+            if extensions is not None:
+                c["extensions"].update(extensions)
+            db.execute("UPDATE containers SET labels=?, spec=?, extensions=?, updated_at=? WHERE namespace=? AND id=?",
+                       (json.dumps(c["labels"]), _pack(c["spec"]), _pack(c["extensions"]), self.clock(), ns, id))
+        self.publish(ns, "/containers/update", {"id": id, "image": c["image"], "labels": c["labels"]})
+        return self.get_container(ns, id)
+
+    def delete_container(self, ns: str, id: str) -> dict:
+        with self.tx() as db:
+            c = self.get_container(ns, id)
+            db.execute("DELETE FROM containers WHERE namespace=? AND id=?", (ns, id))
+        self.publish(ns, "/containers/delete", {"id": id})
+        return c
+
+    def _container_row(self, ns: str, id: str):
+        return self.db.execute("SELECT * FROM containers WHERE namespace=? AND id=?", (ns, id)).fetchone()
+
+    # --- leases -------------------------------------------------------------------------
+
+    def create_lease(self, ns: str, id: str | None = None, labels: dict | None = None,
+                     expire: float | None = None) -> dict:
+        """A lease keeps what it holds from GC; with `expire` (seconds from now) it lapses by itself."""
+        id = check_identifier(id, "lease id") if id else f"berth-{secrets.token_hex(8)}"
+        labels = check_labels(dict(labels or {}))
+        if expire is not None:
+            labels[EXPIRE_LABEL] = _rfc3339(self.clock() + expire)
+        elif EXPIRE_LABEL in labels:
+            _parse_rfc3339(labels[EXPIRE_LABEL])
+        with self.tx_in(ns) as db:
+            if db.execute("SELECT 1 FROM leases WHERE namespace=? AND id=?", (ns, id)).fetchone():
+                raise AlreadyExists(f"lease {id} already exists")
+            db.execute("INSERT INTO leases VALUES (?,?,?,?)", (ns, id, json.dumps(labels), self.clock()))
+        return {"id": id, "labels": labels, "created_at": self.clock()}
+
+    def list_leases(self, ns: str, filters: list[str] = ()) -> list[dict]:
+        match = parse_filters(filters).match
+        rows = self.db.execute("SELECT id, labels, created_at FROM leases WHERE namespace=? ORDER BY id", (ns,))
+        leases = [{"id": r[0], "labels": json.loads(r[1]), "created_at": r[2]} for r in rows]
+        return [lease for lease in leases if match(lease)]
+
+    def delete_lease(self, ns: str, id: str) -> None:
+        with self.tx() as db:
+            if db.execute("DELETE FROM leases WHERE namespace=? AND id=?", (ns, id)).rowcount == 0:
+                raise NotFound(f"lease {id} not found")
+
+    def add_lease_resource(self, ns: str, lease: str, type: str, resource: str) -> None:
+        _check_resource(type, resource)
+        with self.tx() as db:
+            self._lease_exists(db, ns, lease)
+            db.execute("INSERT OR IGNORE INTO lease_resources VALUES (?,?,?,?)", (ns, lease, type, resource))
+
+    def delete_lease_resource(self, ns: str, lease: str, type: str, resource: str) -> None:
+        with self.tx() as db:
+            self._lease_exists(db, ns, lease)
+            db.execute("DELETE FROM lease_resources WHERE namespace=? AND lease=? AND type=? AND resource=?",
+                       (ns, lease, type, resource))
+
+    def list_lease_resources(self, ns: str, lease: str) -> list[dict]:
+        self._lease_exists(self.db, ns, lease)
+        rows = self.db.execute("SELECT type, resource FROM lease_resources WHERE namespace=? AND lease=? "
+                               "ORDER BY type, resource", (ns, lease))
+        return [{"type": r[0], "id": r[1]} for r in rows]
+
+    # --- garbage collection roots ---------------------------------------------------------
+
+    def gc_roots(self) -> dict:
+        """Drop expired leases, then name every namespace's roots:
+        {ns: {"content": {digest}, "ingests": {ref}, "snapshots": {(snapshotter, key)}}}."""
+        roots: dict[str, dict[str, set]] = {}
+
+        def of(ns: str) -> dict[str, set]:
+            return roots.setdefault(ns, {"content": set(), "ingests": set(), "snapshots": set()})
+        with self.tx() as db:
+            now = self.clock()
+            for ns, id, labels in db.execute("SELECT namespace, id, labels FROM leases").fetchall():
+                if lease_expired(json.loads(labels), now):
+                    db.execute("DELETE FROM leases WHERE namespace=? AND id=?", (ns, id))
+            for ns, target in db.execute("SELECT namespace, target FROM images"):
+                of(ns)["content"].add(json.loads(target)["digest"])
+            for ns, snapshotter, key, labels in db.execute(
+                    "SELECT namespace, snapshotter, snapshot_key, labels FROM containers"):
+                if key:
+                    of(ns)["snapshots"].add((snapshotter, key))
+                of(ns)["content"].update(gc_refs(json.loads(labels)))
+            for ns, kind, resource in db.execute("SELECT namespace, type, resource FROM lease_resources"):
+                if kind == "content":
+                    of(ns)["content"].add(resource)
+                elif kind == "ingests":
+                    of(ns)["ingests"].add(resource)
+                else:
+                    of(ns)["snapshots"].add((kind.removeprefix("snapshots/"), resource))
+        return roots
+
+    def _lease_exists(self, db, ns: str, lease: str) -> None:
+        if db.execute("SELECT 1 FROM leases WHERE namespace=? AND id=?", (ns, lease)).fetchone() is None:
+            raise NotFound(f"lease {lease} not found")
+
+
 def _namespace(row) -> dict:
     return {"name": row[0], "labels": json.loads(row[1]), "created_at": row[2], "updated_at": row[3]}
 
 
+def _image(row) -> dict:
+    return {"name": row[1], "target": json.loads(row[2]), "labels": json.loads(row[3]),
+            "created_at": row[4], "updated_at": row[5]}
+
+
+def _container(row) -> dict:
+    return {"id": row[1], "image": row[2], "runtime": json.loads(row[3]), "spec": _unpack(row[4]),
+            "snapshotter": row[5], "snapshot_key": row[6], "labels": json.loads(row[7]),
+            "extensions": _unpack(row[8]) or {}, "created_at": row[9], "updated_at": row[10]}
+
+
+def _pack(value) -> bytes | None:
+    return None if value is None else msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(blob):
+    return None if blob is None else msgpack.unpackb(blob, raw=False, strict_map_key=False)
+
+
+def check_image_name(name: str) -> str:
+    if not isinstance(name, str) or not name or len(name) > 512 or any(c.isspace() or ord(c) < 32 for c in name):
+        raise InvalidArgument(f"image name {str(name)[:100]!r} is not valid")
+    return name
+
+
+def check_descriptor(desc: dict) -> dict:
+    """An OCI descriptor: mediaType, digest and size are required and checked."""
+    if not isinstance(desc, dict):
+        raise InvalidArgument("descriptor must be a map")
+    media_type, size = desc.get("mediaType"), desc.get("size")
+    if not isinstance(media_type, str) or not media_type or len(media_type) > 256:
+        raise InvalidArgument("descriptor mediaType must be a non-empty string")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidArgument("descriptor size must be a non-negative integer")
+    check_digest(desc.get("digest"), "descriptor digest")
+    out = {"mediaType": media_type, "digest": desc["digest"], "size": size}
+    if desc.get("annotations"):
+        out["annotations"] = check_labels(desc["annotations"], "annotations")
+    if desc.get("platform"):
+        out["platform"] = desc["platform"]
+    return out
+
+
+def _check_resource(type: str, resource: str) -> None:
+    if not isinstance(type, str) or not RESOURCE_TYPES.match(type):
+        raise InvalidArgument(f"lease resource type {str(type)[:64]!r} is not content, ingests or snapshots/<name>")
+    if type == "content":
+        check_digest(resource)
+    elif not isinstance(resource, str) or not resource or len(resource) > 1024:
+        raise InvalidArgument("lease resource id must be a non-empty string")
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_rfc3339(text: str) -> float:
+    try:
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise InvalidArgument(f"{EXPIRE_LABEL} {text!r} is not an RFC 3339 time") from None
+
+
+def gc_refs(labels: dict) -> set[str]:
+    """The digests a set of labels holds on to (`containerd.io/gc.ref.content…` values)."""
+    return {v for k, v in labels.items() if k.startswith(GC_REF_CONTENT)}
+
+
+def mark(graph: dict[str, dict[str, dict]], roots: dict[str, dict[str, set]]) -> dict[str, set[str]]:
+    """Everything reachable, per namespace: from the roots and `gc.root`-labelled blobs, along
+    the blobs' `gc.ref.content` labels (index -> manifests, manifest -> config and layers)."""
+    live: dict[str, set[str]] = {}
+    for ns, blobs in graph.items():
+        seen: set[str] = set()
+        stack = [d for d in roots.get(ns, {}).get("content", ()) if d in blobs]
+        stack += [d for d, labels in blobs.items() if GC_ROOT in labels]
+        while stack:
+            digest = stack.pop()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            stack.extend(d for d in gc_refs(blobs[digest]) if d in blobs and d not in seen)
+        live[ns] = seen
+    return live
+
+
+def lease_expired(labels: dict, now: float) -> bool:
+    expire = labels.get(EXPIRE_LABEL)
+    return expire is not None and _parse_rfc3339(expire) <= now
+
+
 class MetadataActor(Actor):
+    """Also the GC coordinator: it marks from its own records and the graph of labels the
+    content store reports, then has the content store sweep what is unmarked."""
+
     name = "metadata"
+    GC_DELAY = 1.0                   # a GC runs this long after the last deletion
 
     def __init__(self, store: MetadataStore, publisher=None):
         self.store = store
         self.publisher = publisher
+        self.gc_lock = threading.Lock()
+        self.gc_due: float | None = None
+        self.gc_runs = 0
+
+    def on_start(self) -> None:
+        self.worker.every(0.25, self._gc_if_due)
+
+    def stats(self) -> dict:
+        return {"gc_runs": self.gc_runs, "gc_due": self.gc_due is not None}
+
+    def _schedule_gc(self) -> None:
+        self.gc_due = time.monotonic() + self.GC_DELAY
+
+    def _gc_if_due(self) -> None:
+        if self.gc_due is not None and time.monotonic() >= self.gc_due and not self.gc_lock.locked():
+            self.gc_due = None
+            self.worker.pool.submit(self._collect_logged)
+
+    def _collect_logged(self) -> None:
+        try:
+            self.collect()
+        except Exception:
+            log.exception("scheduled GC failed; it runs again after the next deletion")
+
+    def collect(self) -> dict:
+        """One whole GC: mark here, sweep in the content store. Runs on a pool thread."""
+        with self.gc_lock:
+            started = time.monotonic()
+            roots = self.store.gc_roots()
+            graph = self.call("content", "gc_graph")
+            live = mark(graph, roots)
+            remove = [[ns, d] for ns, blobs in graph.items() for d in blobs if d not in live[ns]]
+            leased = [[ns, ref] for ns, r in roots.items() for ref in r["ingests"]]
+            swept = self.call("content", "gc_sweep", {"remove": remove, "leased_ingests": leased,
+                                                       "ingest_expiry": INGEST_EXPIRY}, timeout=300)
+            self.gc_runs += 1
+            return {"content": swept, "seconds": round(time.monotonic() - started, 3)}
+
+    @method(blocking=True)
+    def gc(self) -> dict:
+        return self.collect()
 
     def on_stop(self) -> None:
         if self.publisher is not None:
@@ -157,6 +553,90 @@ class MetadataActor(Actor):
     @method
     def delete_namespace(self, name: Identifier) -> None:
         self.store.delete_namespace(name)
+
+    @method
+    def create_image(self, ns, name: str, target: dict, labels: Labels | None = None) -> dict:
+        return self.store.create_image(ns, name, target, labels)
+
+    @method
+    def get_image(self, ns, name: str) -> dict:
+        return self.store.get_image(ns, name)
+
+    @method
+    def list_images(self, ns, filters: list[str] | None = None) -> list[dict]:
+        return self.store.list_images(ns, filters or [])
+
+    @method
+    def update_image(self, ns, name: str, target: dict | None = None, labels: Labels | None = None,
+                     fieldpaths: list[str] | None = None) -> dict:
+        return self.store.update_image(ns, name, target, labels, fieldpaths or [])
+
+    @method
+    def put_image(self, ns, name: str, target: dict, labels: Labels | None = None) -> dict:
+        return self.store.put_image(ns, name, target, labels)
+
+    @method(blocking=True)
+    def delete_image(self, ns, name: str, sync: bool = False) -> None:
+        self.store.delete_image(ns, name)
+        self._collect_or_schedule(sync)
+
+    def _collect_or_schedule(self, sync: bool) -> None:
+        if sync:
+            self.collect()
+        else:
+            self._schedule_gc()
+
+    @method
+    def create_container(self, ns, id: Identifier, runtime: dict, spec: dict | None = None, image: str = "",
+                         snapshotter: str = "", snapshot_key: str = "", labels: Labels | None = None,
+                         extensions: dict | None = None) -> dict:
+        return self.store.create_container(ns, id, runtime, spec, image, snapshotter, snapshot_key, labels,
+                                           extensions)
+
+    @method
+    def get_container(self, ns, id: Identifier) -> dict:
+        return self.store.get_container(ns, id)
+
+    @method
+    def list_containers(self, ns, filters: list[str] | None = None) -> list[dict]:
+        return self.store.list_containers(ns, filters or [])
+
+    @method
+    def update_container(self, ns, id: Identifier, labels: Labels | None = None, spec: dict | None = None,
+                         extensions: dict | None = None, fieldpaths: list[str] | None = None) -> dict:
+        return self.store.update_container(ns, id, labels, spec, extensions, fieldpaths or [])
+
+    @method
+    def delete_container(self, ns, id: Identifier) -> dict:
+        container = self.store.delete_container(ns, id)
+        self._schedule_gc()
+        return container
+
+    @method
+    def create_lease(self, ns, id: Identifier | None = None, labels: Labels | None = None,
+                     expire: float | None = None) -> dict:
+        return self.store.create_lease(ns, id, labels, expire)
+
+    @method
+    def list_leases(self, ns, filters: list[str] | None = None) -> list[dict]:
+        return self.store.list_leases(ns, filters or [])
+
+    @method(blocking=True)
+    def delete_lease(self, ns, id: Identifier, sync: bool = False) -> None:
+        self.store.delete_lease(ns, id)
+        self._collect_or_schedule(sync)
+
+    @method
+    def add_lease_resource(self, ns, lease: Identifier, type: str, id: str) -> None:
+        self.store.add_lease_resource(ns, lease, type, id)
+
+    @method
+    def delete_lease_resource(self, ns, lease: Identifier, type: str, id: str) -> None:
+        self.store.delete_lease_resource(ns, lease, type, id)
+
+    @method
+    def list_lease_resources(self, ns, lease: Identifier) -> list[dict]:
+        return self.store.list_lease_resources(ns, lease)
 
 
 def build(config) -> MetadataActor:

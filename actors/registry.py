@@ -21,6 +21,7 @@ class ActorSpec:
 ACTORS: list[ActorSpec] = [
     ActorSpec("events", "actors.events"),
     ActorSpec("metadata", "actors.metadata", requires=("events",)),
+    ActorSpec("content", "actors.content", requires=("events", "metadata")),
 ]
 
 BY_NAME = {spec.name: spec for spec in ACTORS}

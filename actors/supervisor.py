@@ -22,6 +22,7 @@ PING_EVERY = 1.0
 HEALTHY_WITHIN = 3.0            # an actor that has not answered a ping for this long is unhealthy
 STABLE_AFTER = 10.0             # an actor up this long has its restart backoff reset
 STOP_GRACE = 10.0
+HOUSEKEEPING_EVERY = 0.02       # deadlines, restarts, pings and health: not on every message
 
 log = logging.getLogger("berth.supervisor")
 
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in (config.root, config.state):
         os.makedirs(path, mode=0o700, exist_ok=True)
         os.chmod(path, 0o700)
-    lock = _lock_state(config.state)
-    if lock is None:
+    locks = [_lock_dir(config.state, "state"), _lock_dir(config.root, "root")]
+    if None in locks:
         return 1
     # Metrics files must be per daemon and fresh; the env var must be set before any import of
     # prometheus_client, and before the template is forked, so every actor inherits it.
@@ -79,20 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(config.metrics_dir, mode=0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = config.metrics_dir
     from actors.template import Template
-    template = Template.fork(config)
-    return Supervisor(config, template, lock).run()
+    template = Template.fork(config, keep_out=[f.fileno() for f in locks])
+    return Supervisor(config, template, locks).run()
 
 
-def _lock_state(state: str):
-    path = os.path.join(state, "berthd.lock")
+def _lock_dir(directory: str, what: str):
+    """One berthd per state and per root directory; the lock file names the holder."""
+    path = os.path.join(directory, "berthd.lock")
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "unknown"
-        print(f"berthd: another berthd (pid {holder}) is using state directory {state}; "
-              f"give this one its own --state", file=sys.stderr)
+        print(f"berthd: another berthd (pid {holder}) is using {what} directory {directory}; "
+              f"give this one its own --{what}", file=sys.stderr)
         return None
     f.seek(0)
     f.truncate()
@@ -102,7 +104,7 @@ def _lock_state(state: str):
 
 
 class Supervisor:
-    def __init__(self, config, template, lock):
+    def __init__(self, config, template, locks):
         import sdnotify
         import zmq
         from setproctitle import setproctitle
@@ -115,7 +117,7 @@ class Supervisor:
         setproctitle("berthd")
         self.config = config
         self.template = template
-        self.lock = lock
+        self.locks = locks
         self.metrics = metrics
         self.notifier = sdnotify.SystemdNotifier()
         self.actors = {s.name: ActorState(s.name, s.requires) for s in start_order()}
@@ -132,11 +134,13 @@ class Supervisor:
             self.metrics_server = metrics.MetricsServer(config.metrics_address)
         self.ready = False
         self.stopping = False
+        self.exit_code = 0
         self.stop_deadline = 0.0
         watchdog = os.environ.get("WATCHDOG_USEC")
         self.watchdog_every = int(watchdog) / 2e6 if watchdog and watchdog.isdigit() else None
         self.next_watchdog = 0.0
         self.next_ping = 0.0
+        self.next_housekeeping = 0.0
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -171,6 +175,9 @@ class Supervisor:
                 if not any(a.pid for a in self.actors.values()) or now > self.stop_deadline:
                     break
                 continue
+            if now < self.next_housekeeping:
+                continue
+            self.next_housekeeping = now + HOUSEKEEPING_EVERY
             self.router.expire()
             self._restart_due(now)
             if now >= self.next_ping:
@@ -200,8 +207,10 @@ class Supervisor:
                 self._on_exit(self.actors[msg["name"]], msg["pid"], msg["status"])
             elif op == "gone":
                 log.critical("the template process died; berthd cannot start actors any more")
+                self.exit_code = 1
                 self.stopping = True
                 self.stop_deadline = time.monotonic()
+                self._notify("STOPPING=1\nSTATUS=template process died")
 
     def _on_exit(self, a: ActorState, pid: int, status: int) -> None:
         self.router.actor_down(a.name)
@@ -267,16 +276,18 @@ class Supervisor:
             if a.pid:
                 log.warning("actor %s (pid %d) did not stop in time; killing it", a.name, a.pid)
                 _kill(a.pid, signal.SIGKILL)
-        self.template.quit()
+        if self.exit_code == 0:
+            self.template.quit()
         if self.metrics_server:
             self.metrics_server.close()
         self.router.close()
         self.ctx.term()
         _unlink(self.config.address)
         _unlink(os.path.join(self.config.state, "actors.sock"))
-        self.lock.close()
+        for lock in self.locks:
+            lock.close()
         log.info("stopped")
-        return 0
+        return self.exit_code
 
     # --- the built-in "berth" service ----------------------------------------------------
 

@@ -49,12 +49,15 @@ class Template:
         self.sock.setblocking(False)
 
     @classmethod
-    def fork(cls, config) -> "Template":
+    def fork(cls, config, keep_out: list[int] = ()) -> "Template":
+        """`keep_out`: the supervisor's descriptors (its directory locks) that no child may hold."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             ours.close()
+            for fd in keep_out:
+                os.close(fd)
             code = 1
             try:
                 code = _serve(theirs, config, parent)
@@ -166,7 +169,7 @@ def _become_actor(name: str, config, template: int, sock: socket.socket, fds: tu
         from actors.registry import BY_NAME
         from bus.worker import Worker
         actor = BY_NAME[name].build(config)
-        Worker(actor, config.actors_address).run()
+        Worker(actor, config.actors_address, config.address).run()
         code = 0
     except BaseException:
         logging.getLogger(f"berth.{name}").exception("actor %s failed", name)

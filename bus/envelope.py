@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 from bus import codec
@@ -38,8 +39,9 @@ class Request:
                 raise InvalidArgument(f"request {key} must be a string")
             setattr(req, key, value or None)
         deadline = raw.get("deadline")
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
-            raise InvalidArgument("request deadline must be a number")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                     or not math.isfinite(deadline)):
+            raise InvalidArgument("request deadline must be a finite number")   # NaN never expires
         req.deadline = deadline
         args = raw.get("args", {})
         if args is None:

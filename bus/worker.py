@@ -87,6 +87,19 @@ class Actor:
             table[attr] = MethodSpec(fn, Schema.of(fn), flags[0], flags[1], "ns" in params, "call" in params)
         cls.methods = table
 
+    peer_address = ""                   # the router's client socket, set by the worker
+    _peers = threading.local()
+
+    def call(self, service: str, method: str, args: dict | None = None, **kw):
+        """Call another actor through the router. Only from blocking methods: the loop never waits."""
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError(f"{self.name}: call({service}.{method}) from the actor's loop would block it")
+        conn = getattr(self._peers, "conn", None)
+        if conn is None:
+            from bus.client import Connection
+            conn = self._peers.conn = Connection(self.peer_address, timeout=30.0, check=False)
+        return conn.call(service, method, args, **kw)
+
     # Hooks, overridden where needed.
     def on_start(self) -> None: ...
 
@@ -99,8 +112,10 @@ class Actor:
 class Worker:
     """Runs one actor: connects to the router, registers, and serves until told to stop."""
 
-    def __init__(self, actor: Actor, actors_address: str, ctx: zmq.Context | None = None):
+    def __init__(self, actor: Actor, actors_address: str, peer_address: str = "",
+                 ctx: zmq.Context | None = None):
         self.actor = actor
+        actor.peer_address = peer_address
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, actor.name.encode())
@@ -150,7 +165,7 @@ class Worker:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._flush_outbox()
         self.actor.on_stop()
-        self.sock.close()
+        self.ctx.destroy(linger=1000)    # let queued replies go out before the process exits
 
     def _run_timers(self) -> int:
         if not self.timers:

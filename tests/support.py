@@ -12,6 +12,15 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# One cheap, read-only request per actor (service, method, args), to see that it answers. Every
+# actor in actors/registry.py needs one; tests check that none is missing.
+ACTOR_PROBES = {
+    "events": ("events", "head", {}),
+    "metadata": ("metadata", "list_namespaces", {}),
+    "content": ("content", "list", {}),
+}
+
+
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
     """Poll `condition` until it returns something truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
@@ -68,12 +77,21 @@ def descendants(pid: int) -> set[int]:
 class Daemon:
     """One berthd for one test: its own root, state and socket; everything it started is killed by pid."""
 
-    def __init__(self, env: dict | None = None, metrics: bool = True, args: list[str] = ()):
-        self.dir = tempfile.mkdtemp(prefix="berth-t-", dir="/tmp")
+    def __init__(self, env: dict | None = None, metrics: bool = True, args: list[str] = (),
+                 dir: str | None = None):
+        """With `dir`, run on another Daemon's root and state (a restart, or a second berthd on the
+        same state); that directory stays its creator's to remove, and this one logs to a file of
+        its own in it."""
+        self.owns_dir = dir is None
+        self.dir = tempfile.mkdtemp(prefix="berth-t-", dir="/tmp") if dir is None else dir
         self.root = os.path.join(self.dir, "root")
         self.state = os.path.join(self.dir, "state")
         self.address = os.path.join(self.state, "berth.sock")
-        self.log_path = os.path.join(self.dir, "berthd.log")
+        if self.owns_dir:
+            self.log_path = os.path.join(self.dir, "berthd.log")
+        else:
+            fd, self.log_path = tempfile.mkstemp(prefix="berthd-", suffix=".log", dir=self.dir)
+            os.close(fd)
         self.env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
         self.args = ["--metrics-address", "127.0.0.1:0" if metrics else "", *args]
         self.proc: subprocess.Popen | None = None
@@ -97,10 +115,13 @@ class Daemon:
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError(f"berthd exited with {self.proc.returncode}:\n{self.log()}")
+            client = self.client()
             try:
-                return self.client().info()["ready"]
+                return client.info()["ready"]
             except BerthError:
                 return False
+            finally:
+                client.close()
         wait_until(ready, timeout, 0.02, "berthd to be ready")
         self.known_pids |= descendants(self.proc.pid)
 
@@ -120,7 +141,11 @@ class Daemon:
         return result
 
     def actor_pids(self) -> dict[str, int]:
-        return {a["name"]: a["pid"] for a in self.client().actors()["actors"] if a["pid"]}
+        client = self.client()
+        try:
+            return {a["name"]: a["pid"] for a in client.actors()["actors"] if a["pid"]}
+        finally:
+            client.close()
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -151,4 +176,5 @@ class Daemon:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
