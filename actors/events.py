@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import struct
+import threading
 import time
 
 from bus import codec
@@ -48,6 +49,8 @@ class EventLog:
         self.head = 0
         self.current = None
         self.dirty = False
+        self.sync_lock = threading.Lock()      # the syncer thread against rotation and close
+        self.syncer: threading.Thread | None = None
         for first in self.segments:
             self._load(first)
         if self.segments:
@@ -97,11 +100,13 @@ class EventLog:
         return envelope, True
 
     def _rotate(self, seq: int) -> None:
-        if self.current is not None:
-            self.sync()
-            self.current.close()
-        self.segments.append(seq)
-        self.current = open(self._path(seq), "ab")
+        with self.sync_lock:
+            if self.current is not None:
+                self.current.flush()
+                os.fdatasync(self.current.fileno())
+                self.current.close()
+            self.segments.append(seq)
+            self.current = open(self._path(seq), "ab")
         _fsync_dir(self.dir)
         while len(self.segments) > 1 and seq - self.segments[1] >= self.size:
             dropped = self.segments.pop(0)
@@ -111,9 +116,30 @@ class EventLog:
             os.unlink(self._path(dropped))
 
     def sync(self) -> None:
-        if self.dirty and self.current is not None:
-            os.fdatasync(self.current.fileno())
-            self.dirty = False
+        with self.sync_lock:
+            if self.dirty and self.current is not None:
+                self.dirty = False
+                os.fdatasync(self.current.fileno())
+
+    def sync_every(self, interval: float) -> None:
+        """Sync from a thread of the log's own: an fdatasync can take milliseconds, and the
+        actor's loop must not wait for it. stop_syncing() ends and joins the thread."""
+        self.syncing = threading.Event()
+        self.syncer = threading.Thread(target=self._sync_loop, args=(interval,), name="event-log-sync")
+        self.syncer.start()
+
+    def _sync_loop(self, interval: float) -> None:
+        while not self.syncing.wait(interval):
+            try:
+                self.sync()
+            except OSError:
+                log.exception("syncing the event log failed")
+
+    def stop_syncing(self) -> None:
+        if self.syncer is not None:
+            self.syncing.set()
+            self.syncer.join()
+            self.syncer = None
 
     def replay(self, since: int, limit: int = MAX_REPLAY) -> list[dict]:
         """Events with seq > since, oldest first, at most `limit`."""
@@ -135,6 +161,7 @@ class EventLog:
         return out
 
     def close(self) -> None:
+        self.stop_syncing()
         if self.current is not None:
             self.sync()
             self.current.close()
@@ -205,7 +232,7 @@ class EventsActor(Actor):
             os.unlink(path)
         self.pub.bind(self.pub_address)
         self.worker.add_reader(self.pub, self._on_subscription)
-        self.worker.every(0.05, self.log.sync)
+        self.log.sync_every(0.05)
 
     def on_stop(self) -> None:
         self.log.close()

@@ -22,6 +22,7 @@ ACTORS: list[ActorSpec] = [
     ActorSpec("events", "actors.events"),
     ActorSpec("metadata", "actors.metadata", requires=("events",)),
     ActorSpec("content", "actors.content", requires=("events", "metadata")),
+    ActorSpec("transfer", "actors.transfer", requires=("metadata", "content")),
 ]
 
 BY_NAME = {spec.name: spec for spec in ACTORS}

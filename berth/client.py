@@ -4,16 +4,25 @@
     client.namespaces.create("builds", labels={"team": "ci"})
     for event in client.events.subscribe(since=0, filters=['topic=="/namespaces/create"']):
         print(event["seq"], event["topic"])
+
+    with client.lease():                          # nothing created in this block is GC'd meanwhile
+        with open("manifest.json", "rb") as f:
+            info = client.content.write("manifest-1", f)
+        client.images.create("example.com/app:1", {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                                   "digest": info["digest"], "size": info["size"]})
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import threading
 import time
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from berth.version import VERSION
 from bus.client import Connection
+from bus.errors import AlreadyExists, BerthError, FailedPrecondition, InvalidArgument, NotFound
 
 DEFAULT_ADDRESS = "/run/berth/berth.sock"
 DEFAULT_NAMESPACE = "default"
@@ -27,6 +36,10 @@ class Client:
         self._local = threading.local()
         self.namespaces = Namespaces(self)
         self.events = Events(self)
+        self.content = Content(self)
+        self.leases = Leases(self)
+        self.images = Images(self)
+        self.containers = Containers(self)
 
     @property
     def conn(self) -> Connection:
@@ -39,9 +52,41 @@ class Client:
     def with_namespace(self, namespace: str) -> "Client":
         return Client(self.address, namespace, timeout=self.timeout)
 
+    @property
+    def active_lease(self) -> str | None:
+        """The lease this thread's calls carry (in the request's `lease` field), if any."""
+        return getattr(self._local, "lease", None)
+
+    @active_lease.setter
+    def active_lease(self, lease_id: str | None) -> None:
+        self._local.lease = lease_id
+
     def call(self, service: str, method: str, args: dict | None = None, **kw):
         kw.setdefault("namespace", self.namespace)
+        kw.setdefault("lease", self.active_lease)
         return self.conn.call(service, method, args, **kw)
+
+    @contextlib.contextmanager
+    def lease(self, expire: float | None = 3600, labels: dict | None = None) -> Iterator[dict]:
+        """A new lease that every call this thread makes through this client carries until the
+        block ends, when it is deleted: what those calls create is safe from GC meanwhile (and,
+        should the process die, until `expire` seconds have passed)."""
+        lease = self.leases.create(labels=labels, expire=expire)
+        previous, self.active_lease = self.active_lease, lease["id"]
+        try:
+            yield lease
+        except BaseException:
+            self.active_lease = previous
+            with contextlib.suppress(BerthError):
+                self.leases.delete(lease["id"])
+            raise
+        self.active_lease = previous
+        with contextlib.suppress(NotFound):       # already deleted inside the block
+            self.leases.delete(lease["id"])
+
+    def gc(self) -> dict:
+        """Collect garbage now; what was removed, by kind, and how long it took."""
+        return self.call("metadata", "gc")
 
     def version(self) -> dict:
         return {"client": VERSION, "server": self.call("berth", "version")["version"]}
@@ -82,6 +127,253 @@ class Namespaces:
 
     def delete(self, name: str) -> None:
         self.client.call("metadata", "delete_namespace", {"name": name})
+
+
+class Content:
+    """The content store: blobs by digest, and ingests (resumable writes verified on commit)."""
+
+    READ_CHUNK = 4 << 20      # bytes asked for per read call (the store's limit)
+    WRITE_CHUNK = 1 << 20     # bytes sent per write call, as one bulk frame
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def list(self, filters: list[str] | tuple = ()) -> list[dict]:
+        return self.client.call("content", "list", {"filters": list(filters)}, idempotent=True)
+
+    def info(self, digest: str) -> dict:
+        return self.client.call("content", "info", {"digest": digest}, idempotent=True)
+
+    def delete(self, digest: str) -> None:
+        self.client.call("content", "delete", {"digest": digest})
+
+    def update(self, digest: str, labels: dict, fieldpaths: list[str] | None = None) -> dict:
+        return self.client.call("content", "update",
+                                {"digest": digest, "labels": labels, "fieldpaths": fieldpaths or []})
+
+    def set_labels(self, digest: str, labels: dict) -> dict:
+        """Set (or, with an empty value, remove) the given labels, leaving others as they are."""
+        if not labels:
+            return self.info(digest)
+        return self.update(digest, labels, [f"labels.{k}" for k in labels])
+
+    def read(self, digest: str, offset: int = 0, size: int = -1) -> Iterator[bytes]:
+        """The blob's bytes from `offset`, `size` of them (-1: to the end), a chunk at a time."""
+        remaining = size
+        while remaining != 0:
+            want = self.READ_CHUNK if remaining < 0 else min(remaining, self.READ_CHUNK)
+            _, frames = self.client.call("content", "read", {"digest": digest, "offset": offset, "size": want},
+                                         idempotent=True, with_frames=True)
+            data = frames[0] if frames else b""
+            if not data:
+                return
+            yield data
+            offset += len(data)
+            if remaining > 0:
+                remaining -= len(data)
+
+    def read_all(self, digest: str) -> bytes:
+        return b"".join(self.read(digest))
+
+    def write(self, ref: str, reader: BinaryIO | bytes, total: int | None = None, expected: str | None = None,
+              labels: dict | None = None) -> dict:
+        """Stream `reader` into the store under `ref` and commit it; the committed blob's info.
+
+        If an ingest of `ref` exists (an earlier attempt was cut off), the write resumes at its
+        offset: that many bytes of `reader` are read past (and hashed) rather than sent again. The
+        digest committed is `expected`, or else the one computed while streaming; the store checks
+        it and the size against what it holds. Content that is already there is not an error: its
+        info is returned. When the store rejects the data, the ingest is aborted (the same bytes
+        would be rejected again); when the transfer is cut off, it is kept for a resume.
+        """
+        import hashlib                  # here: loading OpenSSL costs every CLI start otherwise
+        if isinstance(reader, (bytes, bytearray, memoryview)):
+            reader = io.BytesIO(reader)
+        try:
+            status = self.client.call("content", "writer_open",
+                                      {"ref": ref, "total": total, "expected": expected})
+        except AlreadyExists:
+            if expected is None:
+                raise
+            return self.info(expected)
+        offset = status["offset"]
+        hasher = None if expected else hashlib.sha256()
+        try:
+            skipped = 0
+            while skipped < offset:                       # resuming: these bytes are stored already
+                chunk = _read_full(reader, min(self.WRITE_CHUNK, offset - skipped))
+                if not chunk:
+                    raise FailedPrecondition(f"ref {ref}: the stream ended at {skipped} bytes, but "
+                                             f"{offset} are stored already; abort the ingest to start over")
+                if hasher is not None:
+                    hasher.update(chunk)
+                skipped += len(chunk)
+            while chunk := _read_full(reader, self.WRITE_CHUNK):
+                try:
+                    self.client.call("content", "write", {"ref": ref, "offset": offset}, frames=[chunk])
+                except (InvalidArgument, FailedPrecondition):
+                    self._abort_quietly(ref)
+                    raise
+                if hasher is not None:
+                    hasher.update(chunk)
+                offset += len(chunk)
+            if total is not None and offset != total:
+                raise FailedPrecondition(f"ref {ref}: the stream ended at {offset} bytes, expected {total}")
+            digest = expected or "sha256:" + hasher.hexdigest()
+            try:
+                return self.client.call("content", "commit", {"ref": ref, "size": offset, "expected": digest,
+                                                              "labels": labels or {}})
+            except AlreadyExists:
+                return self.info(digest)
+            except NotFound:
+                # A commit redelivered after the content actor died answering it finds its ingest
+                # gone: the first delivery committed it.
+                if not self._exists(digest):
+                    raise
+                return self.info(digest)
+            except (InvalidArgument, FailedPrecondition):
+                self._abort_quietly(ref)
+                raise
+        except BaseException:
+            with contextlib.suppress(BerthError):        # release the ref; its data stays for a resume
+                self.client.call("content", "writer_close", {"ref": ref})
+            raise
+
+    def _exists(self, digest: str) -> bool:
+        try:
+            self.info(digest)
+            return True
+        except NotFound:
+            return False
+
+    def _abort_quietly(self, ref: str) -> None:
+        with contextlib.suppress(BerthError):
+            self.abort(ref)
+
+    def status(self, ref: str) -> dict:
+        return self.client.call("content", "status", {"ref": ref}, idempotent=True)
+
+    def list_statuses(self, filters: list[str] | tuple = ()) -> list[dict]:
+        return self.client.call("content", "list_statuses", {"filters": list(filters)}, idempotent=True)
+
+    def abort(self, ref: str) -> None:
+        self.client.call("content", "abort", {"ref": ref})
+
+
+def _read_full(reader: BinaryIO, n: int) -> bytes:
+    """Up to n bytes, fewer only at the end of the stream (pipes and sockets return short reads)."""
+    data = reader.read(n)
+    if not data or len(data) == n:
+        return data or b""
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = reader.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+class Leases:
+    """Leases hold content, ingests and snapshots against GC; see `Client.lease()`."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def create(self, id: str | None = None, labels: dict | None = None, expire: float | None = None) -> dict:
+        """A lease; `expire` is seconds from now (None: until deleted)."""
+        return self.client.call("metadata", "create_lease", {"id": id, "labels": labels or {}, "expire": expire})
+
+    def list(self, filters: list[str] | tuple = ()) -> list[dict]:
+        return self.client.call("metadata", "list_leases", {"filters": list(filters)}, idempotent=True)
+
+    def delete(self, id: str, sync: bool = False) -> None:
+        """Delete the lease; with sync, collect what it alone held before returning."""
+        self.client.call("metadata", "delete_lease", {"id": id, "sync": sync})
+
+    def resources(self, id: str) -> list[dict]:
+        return self.client.call("metadata", "list_lease_resources", {"lease": id}, idempotent=True)
+
+
+class Images:
+    """Image records: a name and the descriptor of its target (a manifest or an index)."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def list(self, filters: list[str] | tuple = ()) -> list[dict]:
+        return self.client.call("metadata", "list_images", {"filters": list(filters)}, idempotent=True)
+
+    def get(self, name: str) -> dict:
+        return self.client.call("metadata", "get_image", {"name": name}, idempotent=True)
+
+    def create(self, name: str, target: dict, labels: dict | None = None) -> dict:
+        return self.client.call("metadata", "create_image", {"name": name, "target": target, "labels": labels or {}})
+
+    def update(self, name: str, target: dict | None = None, labels: dict | None = None,
+               fieldpaths: list[str] | None = None) -> dict:
+        return self.client.call("metadata", "update_image", {"name": name, "target": target, "labels": labels,
+                                                             "fieldpaths": fieldpaths or []})
+
+    def put(self, name: str, target: dict, labels: dict | None = None) -> dict:
+        """Create the image, or point an existing one at `target`."""
+        return self.client.call("metadata", "put_image", {"name": name, "target": target, "labels": labels or {}})
+
+    def set_labels(self, name: str, labels: dict) -> dict:
+        """Set (or, with an empty value, remove) the given labels, leaving others as they are."""
+        if not labels:
+            return self.get(name)
+        return self.update(name, labels=labels, fieldpaths=[f"labels.{k}" for k in labels])
+
+    def delete(self, name: str, sync: bool = False) -> None:
+        """Delete the record; with sync, collect the content only it held before returning."""
+        self.client.call("metadata", "delete_image", {"name": name, "sync": sync})
+
+    def tag(self, src: str, dst: str, force: bool = False) -> dict:
+        """A new image `dst` with `src`'s target and labels; AlreadyExists if `dst` exists, unless
+        `force`, which points it at `src`'s target."""
+        image = self.get(src)
+        if force:
+            return self.put(dst, image["target"], image["labels"])
+        return self.create(dst, image["target"], image["labels"])
+
+
+class Containers:
+    """Container records: what a task is started from (image, runtime, spec, snapshot)."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def create(self, id: str, runtime: str | dict = "io.containerd.runc.v2", spec: dict | None = None,
+               image: str = "", snapshotter: str = "", snapshot_key: str = "",
+               labels: dict | None = None) -> dict:
+        runtime = {"name": runtime} if isinstance(runtime, str) else runtime
+        return self.client.call("metadata", "create_container",
+                                {"id": id, "runtime": runtime, "spec": spec, "image": image,
+                                 "snapshotter": snapshotter, "snapshot_key": snapshot_key,
+                                 "labels": labels or {}})
+
+    def list(self, filters: list[str] | tuple = ()) -> list[dict]:
+        return self.client.call("metadata", "list_containers", {"filters": list(filters)}, idempotent=True)
+
+    def get(self, id: str) -> dict:
+        return self.client.call("metadata", "get_container", {"id": id}, idempotent=True)
+
+    def update(self, id: str, labels: dict | None = None, spec: dict | None = None,
+               fieldpaths: list[str] | None = None) -> dict:
+        return self.client.call("metadata", "update_container",
+                                {"id": id, "labels": labels, "spec": spec, "fieldpaths": fieldpaths or []})
+
+    def set_labels(self, id: str, labels: dict) -> dict:
+        """Set (or, with an empty value, remove) the given labels, leaving others as they are."""
+        if not labels:
+            return self.get(id)
+        return self.update(id, labels=labels, fieldpaths=[f"labels.{k}" for k in labels])
+
+    def delete(self, id: str) -> dict:
+        return self.client.call("metadata", "delete_container", {"id": id})
 
 
 class Events:

@@ -7,6 +7,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.support import Daemon  # noqa: E402
 
+pytest_plugins = ["tests.registry"]
+
 
 @pytest.fixture
 def daemon():

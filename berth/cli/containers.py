@@ -1,0 +1,83 @@
+"""`berth containers create|ls|info|rm|label`: container records (tasks run from them later)."""
+from __future__ import annotations
+
+import sys
+
+from berth.cli.output import add_format, as_json, labels_text, parse_labels, table
+
+DEFAULT_RUNTIME = "io.containerd.runc.v2"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("containers", aliases=["container", "c"], help="manage containers")
+    cmds = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    c = cmds.add_parser("create", help="create a container record from an image")
+    c.add_argument("--runtime", default=DEFAULT_RUNTIME, help="runtime name (default %(default)s)")
+    c.add_argument("--snapshotter", default="", help="snapshotter for its root filesystem")
+    c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label it (repeat)")
+    c.add_argument("image", metavar="IMAGE")
+    c.add_argument("id", metavar="ID")
+    c.set_defaults(func=create)
+
+    ls = cmds.add_parser("ls", aliases=["list"], help="list containers")
+    ls.add_argument("-q", "--quiet", action="store_true", help="print only the container ids")
+    add_format(ls)
+    ls.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. 'image==busybox:latest'")
+    ls.set_defaults(func=list_)
+
+    info = cmds.add_parser("info", help="print a container's record as JSON")
+    info.add_argument("id", metavar="ID")
+    info.set_defaults(func=info_)
+
+    rm = cmds.add_parser("rm", aliases=["delete", "del", "remove"], help="delete container records")
+    rm.add_argument("ids", nargs="+", metavar="ID")
+    rm.set_defaults(func=remove)
+
+    lb = cmds.add_parser("label", help="set and clear labels of a container (KEY= clears); print its labels")
+    lb.add_argument("id", metavar="ID")
+    lb.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+    lb.set_defaults(func=label)
+
+
+def create(client, args) -> int:
+    client.images.get(args.image)                # as ctr: the image must be known
+    client.containers.create(args.id, runtime=args.runtime, image=args.image, snapshotter=args.snapshotter,
+                             labels=parse_labels(args.label))
+    return 0
+
+
+def list_(client, args) -> int:
+    containers = client.containers.list(args.filters)
+    if args.quiet:
+        for c in containers:
+            print(c["id"])
+    elif args.format == "json":
+        as_json(containers)
+    else:
+        table(["CONTAINER", "IMAGE", "RUNTIME"],
+              [[c["id"], c["image"] or "-", c["runtime"].get("name", "-")] for c in containers])
+    return 0
+
+
+def info_(client, args) -> int:
+    as_json(client.containers.get(args.id))
+    return 0
+
+
+def remove(client, args) -> int:
+    from bus.errors import BerthError
+    failed = 0
+    for cid in args.ids:
+        try:
+            client.containers.delete(cid)
+        except BerthError as e:
+            print(f"berth: unable to delete container {cid}: {e}", file=sys.stderr)
+            failed = 1
+    return failed
+
+
+def label(client, args) -> int:
+    container = client.containers.set_labels(args.id, parse_labels(args.labels))
+    print(labels_text(container["labels"]))
+    return 0
