@@ -169,7 +169,9 @@ def _become_actor(name: str, config, template: int, sock: socket.socket, fds: tu
         from actors.registry import BY_NAME
         from bus.worker import Worker
         actor = BY_NAME[name].build(config)
-        Worker(actor, config.actors_address, config.address).run()
+        worker = Worker(actor, config.actors_address, config.address)
+        worker.run()
+        worker.close()
         code = 0
     except BaseException:
         logging.getLogger(f"berth.{name}").exception("actor %s failed", name)

@@ -50,6 +50,14 @@ class Bulk:
 
 
 @dataclasses.dataclass(slots=True)
+class Deferred:
+    """Returned by a loop method that answers later (a wait for an exit): the actor keeps it
+    and calls `worker.resolve(deferred, result)` when the answer is known."""
+    call: Call | None = None
+    route: list | None = None
+
+
+@dataclasses.dataclass(slots=True)
 class MethodSpec:
     fn: Callable
     schema: Schema
@@ -110,17 +118,25 @@ class Actor:
 
 
 class Worker:
-    """Runs one actor: connects to the router, registers, and serves until told to stop."""
+    """Runs one actor and serves until told to stop: either registered with the router
+    (`actors_address`: berthd's actors) or on a socket of its own (`bind`: a shim)."""
 
-    def __init__(self, actor: Actor, actors_address: str, peer_address: str = "",
-                 ctx: zmq.Context | None = None):
+    def __init__(self, actor: Actor, actors_address: str | None = None, peer_address: str = "",
+                 ctx: zmq.Context | None = None, bind: str | None = None):
         self.actor = actor
         actor.peer_address = peer_address
         self.ctx = ctx or zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, actor.name.encode())
+        self.direct = bind is not None
+        if self.direct:
+            self.sock = self.ctx.socket(zmq.ROUTER)
+            self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.sock.setsockopt(zmq.MAXMSGSIZE, 128 << 20)
+            self.sock.bind(bind)
+        else:
+            self.sock = self.ctx.socket(zmq.DEALER)
+            self.sock.setsockopt(zmq.IDENTITY, actor.name.encode())
+            self.sock.connect(actors_address)
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.connect(actors_address)
         self.pool = concurrent.futures.ThreadPoolExecutor(actor.pool_size, thread_name_prefix=actor.name)
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -132,6 +148,15 @@ class Worker:
         self.stopping = False
         actor.worker = self
 
+    def stop(self) -> None:
+        """End the loop after the current message (an actor that decides to exit, e.g. a shim)."""
+        self.stopping = True
+
+    def resolve(self, deferred: "Deferred", result: object = None, error: BerthError | None = None) -> None:
+        """Answer a request whose method returned a Deferred. Only from the loop thread."""
+        reply = Reply.failure(deferred.call.id, error) if error else Reply(deferred.call.id, result=result)
+        self._send_reply(deferred.route, reply, [])
+
     def add_reader(self, sock, fn: Callable[[], None]) -> None:
         self.readers[sock] = fn
 
@@ -141,14 +166,14 @@ class Worker:
     # --- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
-        signal.set_wakeup_fd(self.sig_w)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: None)
+        old_wakeup = signal.set_wakeup_fd(self.sig_w)
+        old_handlers = {signum: signal.signal(signum, lambda *_: None) for signum in (signal.SIGTERM, signal.SIGINT)}
         self.actor.on_start()
         poller = zmq.Poller()
         for sock in (self.sock, self.wake_r, self.sig_r, *self.readers):
             poller.register(sock, zmq.POLLIN)
-        self.sock.send_multipart([REG, struct.pack("!I", os.getpid())])
+        if not self.direct:
+            self.sock.send_multipart([REG, struct.pack("!I", os.getpid())])
         while not self.stopping:
             timeout = self._run_timers()
             for item, _ in poller.poll(timeout):
@@ -165,7 +190,14 @@ class Worker:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._flush_outbox()
         self.actor.on_stop()
-        self.ctx.destroy(linger=1000)    # let queued replies go out before the process exits
+        self.sock.close(linger=1000)
+        signal.set_wakeup_fd(old_wakeup)
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
+
+    def close(self) -> None:
+        """In a process about to exit: let queued replies go out, and end ZeroMQ's threads."""
+        self.ctx.destroy(linger=1000)
 
     def _run_timers(self) -> int:
         if not self.timers:
@@ -186,6 +218,10 @@ class Worker:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
+            if self.direct:
+                if len(frames) >= 2:
+                    self._on_request(b"", frames[0], frames[1], frames[2:])
+                continue
             kind = frames[0]
             if kind == REQ and len(frames) >= 4:
                 self._on_request(frames[1], frames[2], frames[3], frames[4:])
@@ -237,6 +273,9 @@ class Worker:
                     result_frames = _split(item)
                     send(route, Reply(call.id, result=result_frames[0], more=True), result_frames[1])
                 result = None
+            if isinstance(result, Deferred):
+                result.call, result.route = call, route   # answered later by Worker.resolve
+                return
             result, frames = _split(result)
             send(route, Reply(call.id, result=result), frames)
         except BerthError as e:
@@ -271,6 +310,12 @@ class Worker:
                 self._send_reply(*item)
 
     def _send_reply(self, route: list, reply: Reply, frames: list[bytes]) -> None:
+        if self.direct:
+            try:
+                self.sock.send_multipart([route[1], reply.encode(), *frames], zmq.NOBLOCK)
+            except zmq.ZMQError as e:           # the client went away
+                log.debug("%s: reply dropped: %s", self.actor.name, e)
+            return
         kind = MORE if reply.more else REP
         code = b"" if reply.ok else str(reply.error.get("code", "")).encode()
         self.sock.send_multipart([kind, route[0], route[1], code, reply.encode(), *frames])

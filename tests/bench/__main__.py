@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-SECTIONS = ["bus"]
+SECTIONS = ["bus", "pull"]
 
 
 def main() -> int:
