@@ -5,7 +5,7 @@
 #   make run       install, then berthd in the foreground with its defaults
 #   make test      install, then the unit, integration and security tests
 #   make bench     containerd + install, then the figures side by side with containerd
-#   make lint      pyflakes if it is installed, else a byte-compile pass
+#   make lint      pyflakes over every package and the tests
 #   make chaos     fault-injection soak for $(DURATION) seconds
 #
 # Everything here runs as root: berthd mounts, creates cgroups and runs containers.
@@ -92,14 +92,8 @@ test: install
 bench: bench-deps install
 	$(PYTHON) -m tests.bench
 
-lint:
-	@if $(PYTHON) -c "import pyflakes" 2>/dev/null; then \
-		echo "$(PYTHON) -m pyflakes bus actors berth shimd tests"; \
-		$(PYTHON) -m pyflakes bus actors berth shimd tests; \
-	else \
-		echo "$(PYTHON) -m compileall -q bus actors berth shimd (pyflakes not installed)"; \
-		$(PYTHON) -m compileall -q bus actors berth shimd; \
-	fi
+lint: install
+	$(PYTHON) -m pyflakes bus actors berth shimd tests
 
 chaos: install
 	$(PYTHON) -m tests.chaos --duration $(DURATION)

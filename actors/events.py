@@ -18,7 +18,7 @@ import time
 
 from bus import codec
 from bus.errors import BerthError, InvalidArgument
-from bus.validate import Identifier, Topic, check_identifier
+from bus.validate import Topic, check_identifier
 from bus.worker import Actor, Call, method
 
 log = logging.getLogger("berth.events")

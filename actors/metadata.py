@@ -22,7 +22,7 @@ import msgpack
 
 from bus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from bus.filters import parse as parse_filters
-from bus.validate import Digest, Identifier, Labels, check_digest, check_identifier, check_labels
+from bus.validate import Identifier, Labels, check_digest, check_identifier, check_labels
 from bus.worker import Actor, method
 
 log = logging.getLogger("berth.metadata")

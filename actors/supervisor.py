@@ -157,7 +157,7 @@ class Supervisor:
         poller.register(sig_r, zmq.POLLIN)
         log.info("berthd %s starting: root %s, state %s, address %s", self._version(),
                  self.config.root, self.config.state, self.config.address)
-        self._notify(f"STATUS=starting actors")
+        self._notify("STATUS=starting actors")
         self._start_ready_actors()
         while True:
             for item, _ in poller.poll(100):

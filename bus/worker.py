@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 import traceback
-from typing import Callable, Iterator
+from typing import Callable
 
 import zmq
 
