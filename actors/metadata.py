@@ -81,6 +81,7 @@ NAMESPACED_TABLES = ["images", "containers", "leases"]
 EXPIRE_LABEL = "containerd.io/gc.expire"
 GC_ROOT = "containerd.io/gc.root"
 GC_REF_CONTENT = "containerd.io/gc.ref.content"
+GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 INGEST_EXPIRY = 24 * 3600.0       # an unleased ingest idle this long is swept
 RESOURCE_TYPES = re.compile(r"(content|ingests|snapshots/[a-z0-9]+)\Z")
 
@@ -472,6 +473,37 @@ def mark(graph: dict[str, dict[str, dict]], roots: dict[str, dict[str, set]]) ->
     return live
 
 
+def snapshot_roots(live_blobs: dict[str, set[str]], graph: dict[str, dict[str, dict]],
+                   roots: dict[str, dict[str, set]]) -> set[tuple[str, str, str]]:
+    """(snapshotter, ns, key) held by records and leases, or named by a live blob's
+    `containerd.io/gc.ref.snapshot.<snapshotter>` label (an image config -> its top chainID)."""
+    held = {(snapshotter, ns, key) for ns, r in roots.items() for snapshotter, key in r["snapshots"]}
+    for ns, digests in live_blobs.items():
+        for digest in digests:
+            for label, value in graph[ns][digest].items():
+                if label.startswith(GC_REF_SNAPSHOT):
+                    held.add((label[len(GC_REF_SNAPSHOT):], ns, value))
+    return held
+
+
+def mark_snapshots(snapshots: dict[str, list[dict]], held: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+    """The held snapshots and `gc.root`-labelled ones, and every parent up their chains."""
+    live: set[tuple[str, str, str]] = set()
+    for snapshotter, rows in snapshots.items():
+        by_key = {(r["namespace"], r["key"]): r for r in rows}
+        stack = [(ns, key) for name, ns, key in held if name == snapshotter and (ns, key) in by_key]
+        stack += [k for k, r in by_key.items() if GC_ROOT in r["labels"]]
+        while stack:
+            ns, key = stack.pop()
+            if (snapshotter, ns, key) in live:
+                continue
+            live.add((snapshotter, ns, key))
+            parent = by_key[(ns, key)]["parent"]
+            if parent and (ns, parent) in by_key:
+                stack.append((ns, parent))
+    return live
+
+
 def lease_expired(labels: dict, now: float) -> bool:
     expire = labels.get(EXPIRE_LABEL)
     return expire is not None and _parse_rfc3339(expire) <= now
@@ -520,10 +552,20 @@ class MetadataActor(Actor):
             live = mark(graph, roots)
             remove = [[ns, d] for ns, blobs in graph.items() for d in blobs if d not in live[ns]]
             leased = [[ns, ref] for ns, r in roots.items() for ref in r["ingests"]]
+            snapshots = self.call("snapshot", "gc_graph")
+            live_snapshots = mark_snapshots(snapshots, snapshot_roots(live, graph, roots))
+            removed_snapshots = 0
+            for snapshotter, rows in snapshots.items():
+                doomed = [[r["namespace"], r["key"]] for r in rows
+                          if (snapshotter, r["namespace"], r["key"]) not in live_snapshots]
+                if doomed:
+                    removed_snapshots += self.call("snapshot", "gc_sweep",
+                                                   {"snapshotter": snapshotter, "remove": doomed}, timeout=600)
             swept = self.call("content", "gc_sweep", {"remove": remove, "leased_ingests": leased,
                                                        "ingest_expiry": INGEST_EXPIRY}, timeout=300)
             self.gc_runs += 1
-            return {"content": swept, "seconds": round(time.monotonic() - started, 3)}
+            return {"content": swept, "snapshots": removed_snapshots,
+                    "seconds": round(time.monotonic() - started, 3)}
 
     @method(blocking=True)
     def gc(self) -> dict:

@@ -22,6 +22,7 @@ ACTORS: list[ActorSpec] = [
     ActorSpec("events", "actors.events"),
     ActorSpec("metadata", "actors.metadata", requires=("events",)),
     ActorSpec("content", "actors.content", requires=("events", "metadata")),
+    ActorSpec("snapshot", "actors.snapshot", requires=("events", "metadata", "content")),
     ActorSpec("transfer", "actors.transfer", requires=("metadata", "content")),
 ]
 

@@ -202,7 +202,11 @@ class Supervisor:
             op = msg.get("op")
             if op == "started":
                 a = self.actors[msg["name"]]
-                a.pid, a.status, a.started_at = msg["pid"], "starting", time.monotonic()
+                a.pid, a.started_at = msg["pid"], time.monotonic()
+                # Under load the actor's own registration can arrive before the template's word
+                # that it started: it is running then, and must not go back to "starting".
+                if self.router.up.get(a.name) != msg["pid"]:
+                    a.status = "starting"
             elif op == "exited":
                 self._on_exit(self.actors[msg["name"]], msg["pid"], msg["status"])
             elif op == "gone":

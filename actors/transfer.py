@@ -959,9 +959,11 @@ class Puller:
             return {"pulls": len(self._active), "refs": sorted(self._active.values())}
 
     def pull(self, ns: str, ref: str, platform: str | None = None, plain_http: bool = False,
-             credentials=None, progress: Callable[[dict], None] | None = None) -> dict:
+             credentials=None, progress: Callable[[dict], None] | None = None,
+             on_manifest: Callable[[dict, "Document"], None] | None = None) -> dict:
         """Fetch `ref` for `platform` (default: the host's) into the content store; returns the
-        image record to create: {"name", "target": {mediaType, digest, size}}."""
+        image record to create: {"name", "target": {mediaType, digest, size}}. `on_manifest` hears
+        of the platform's manifest before its blobs are fetched (an unpacker starts there)."""
         parsed = parse_reference(ref)
         matcher = PlatformMatcher(platform)
         report = _Progress(progress)
@@ -974,7 +976,7 @@ class Puller:
                                 credentials=credentials, **self.client_options) as client:
                 report(name, "", "resolving")
                 root = client.resolve(parsed)
-                target = _PullJob(self, ns, client, matcher, report, name).run(root)
+                target = _PullJob(self, ns, client, matcher, report, name, on_manifest).run(root)
                 report(name, target["digest"], "done", target["size"], target["size"])
                 return {"name": name, "target": target}
         finally:
@@ -986,7 +988,8 @@ class _PullJob:
     """One pull's walk: manifests in this thread, blobs on a small pool that this job owns."""
 
     def __init__(self, puller: Puller, ns: str, client: RegistryClient, matcher: PlatformMatcher,
-                 report: _Progress, name: str):
+                 report: _Progress, name: str, on_manifest=None):
+        self.on_manifest = on_manifest
         self.store = puller.store
         self.puller = puller
         self.ns = ns
@@ -1027,6 +1030,8 @@ class _PullJob:
             labels = gc_labels(chosen)
         else:
             children = [doc.config, *doc.layers]
+            if self.on_manifest is not None:
+                self.on_manifest(desc, doc)
             self._fetch_blobs([c for c in children if not is_non_distributable(c["mediaType"])])
             for skipped in (c for c in children if is_non_distributable(c["mediaType"])):
                 log.info("%s: skipping non-distributable layer %s", self.name, skipped["digest"])
@@ -1379,6 +1384,109 @@ class ContentProxy:
 
 
 PULL_LEASE_EXPIRY = 3600.0       # a pull that dies leaves a lease that lapses by itself
+UNCOMPRESSED = "containerd.io/uncompressed"
+GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """OCI chain IDs: ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        chain.append(diff_id if not chain else
+                     "sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest())
+    return chain
+
+
+class Unpacker:
+    """Applies a pull's layers into snapshots in order, each as soon as it (and its parent) is in
+    the content store, so fetching and applying overlap. It runs on a thread of its own that
+    `finish` joins; the pull's progress reports tell it which blobs have arrived."""
+
+    def __init__(self, actor: "TransferActor", ns: str, lease: str, snapshotter: str,
+                 store: ContentProxy, report: Callable[[dict], None]):
+        self.actor, self.ns, self.lease, self.snapshotter = actor, ns, lease, snapshotter
+        self.store, self.report = store, report
+        self.arrived: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.cancelled = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.outcome: dict = {}
+
+    def _event(self, digest: str) -> threading.Event:
+        with self.lock:
+            return self.arrived.setdefault(digest, threading.Event())
+
+    def progress(self, item: dict) -> None:
+        if item.get("status") in ("done", "exists") and item.get("digest"):
+            self._event(item["digest"]).set()
+
+    def on_manifest(self, desc: dict, doc: "Document") -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, args=(doc,), name="unpack")
+            self.thread.start()
+
+    def _wait(self, digest: str) -> None:
+        event = self._event(digest)
+        while not event.wait(0.1):
+            if self.cancelled.is_set():
+                raise Unavailable("unpack cancelled: the pull failed")
+
+    def _run(self, doc: "Document") -> None:
+        try:
+            self.outcome["chain"] = self._unpack(doc)
+        except BaseException as e:
+            self.outcome["error"] = e
+
+    def _unpack(self, doc: "Document") -> str:
+        self._wait(doc.config["digest"])
+        config_bytes = bytearray()
+        while len(config_bytes) < doc.config["size"]:
+            chunk = self.store.read(self.ns, doc.config["digest"], len(config_bytes))
+            if not chunk:
+                break
+            config_bytes += chunk
+        try:
+            diff_ids = json.loads(bytes(config_bytes))["rootfs"]["diff_ids"]
+        except (ValueError, KeyError, TypeError):
+            raise InvalidArgument(f"image config {doc.config['digest']} has no rootfs.diff_ids") from None
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(doc.layers):
+            raise InvalidArgument(f"image config lists {len(diff_ids) if isinstance(diff_ids, list) else 'no'} "
+                                  f"diff_ids for {len(doc.layers)} layers")
+        for diff_id in diff_ids:
+            check_digest(diff_id, "diff_id")
+        parent = ""
+        for layer, diff_id, chain_id in zip(doc.layers, diff_ids, chain_ids(diff_ids)):
+            if is_non_distributable(layer["mediaType"]):
+                raise NotImplementedErr(f"layer {layer['digest']} is non-distributable and was not "
+                                        "fetched; it cannot be unpacked")
+            self._wait(layer["digest"])
+            key = f"unpack-{layer['digest']}"
+            self.report({"ref": key, "digest": layer["digest"], "status": "unpacking",
+                         "offset": 0, "total": layer["size"]})
+            done = self.actor.call("snapshot", "unpack_layer",
+                                   {"chain_id": chain_id, "layer": public(layer), "diff_id": diff_id,
+                                    "parent": parent, "snapshotter": self.snapshotter},
+                                   namespace=self.ns, lease=self.lease, timeout=3600)
+            self.store.update(self.ns, layer["digest"], {UNCOMPRESSED: diff_id}, [f"labels.{UNCOMPRESSED}"])
+            self.report({"ref": key, "digest": layer["digest"],
+                         "status": "unpacked" if done["applied"] else "unpacked (reused)",
+                         "offset": layer["size"], "total": layer["size"]})
+            parent = chain_id
+        label = GC_REF_SNAPSHOT + self.snapshotter
+        self.store.update(self.ns, doc.config["digest"], {label: parent}, [f"labels.{label}"])
+        return parent
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def finish(self) -> str | None:
+        """The top chainID, once every layer is applied; the unpack's error if it failed."""
+        if self.thread is None:
+            return None
+        self.thread.join()
+        if "error" in self.outcome:
+            raise self.outcome["error"]
+        return self.outcome["chain"]
 
 
 class TransferActor(Actor):
@@ -1401,8 +1509,10 @@ class TransferActor(Actor):
 
     @method(blocking=True, stream=True)
     def pull(self, ns, call: Call, ref: str, platform: str | None = None, plain_http: bool = False,
-             credentials: str | None = None) -> Iterator[dict]:
-        """Progress items `{"progress": {...}}`, then `{"image": record}`."""
+             credentials: str | None = None, unpack: bool = True, snapshotter: str = "overlayfs",
+             record: bool = True) -> Iterator[dict]:
+        """Progress items `{"progress": {...}}`, then `{"image": record}` (`record=False`: fetch
+        the content only, as `content fetch` does, and answer `{"image": {name, target}}`)."""
         parse_reference(ref)
         parse_platform(platform)
 
@@ -1410,8 +1520,27 @@ class TransferActor(Actor):
             lease = call.lease or self.call("metadata", "create_lease", {"expire": PULL_LEASE_EXPIRY},
                                             namespace=ns)["id"]
             try:
-                puller = Puller(ContentProxy(self, lease), verify=self.verify)
-                image = puller.pull(ns, ref, platform, plain_http, credentials, progress)
+                store = ContentProxy(self, lease)
+                unpacker = Unpacker(self, ns, lease, snapshotter, store, progress) if unpack else None
+
+                def report(item):
+                    progress(item)
+                    if unpacker is not None:
+                        unpacker.progress(item)
+                try:
+                    image = Puller(store, verify=self.verify).pull(
+                        ns, ref, platform, plain_http, credentials, report,
+                        unpacker.on_manifest if unpacker is not None else None)
+                except BaseException:
+                    if unpacker is not None:
+                        unpacker.cancel()
+                        with contextlib.suppress(BaseException):
+                            unpacker.finish()
+                    raise
+                if unpacker is not None:
+                    unpacker.finish()
+                if not record:
+                    return image
                 return self.call("metadata", "put_image", {"name": image["name"], "target": image["target"]},
                                  namespace=ns)
             finally:

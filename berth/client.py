@@ -18,7 +18,7 @@ import io
 import os
 import threading
 import time
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from berth.version import VERSION
 from bus.client import Connection
@@ -40,6 +40,7 @@ class Client:
         self.leases = Leases(self)
         self.images = Images(self)
         self.containers = Containers(self)
+        self.snapshots = Snapshots(self)
 
     @property
     def conn(self) -> Connection:
@@ -87,6 +88,71 @@ class Client:
     def gc(self) -> dict:
         """Collect garbage now; what was removed, by kind, and how long it took."""
         return self.call("metadata", "gc")
+
+    # --- transfers ---------------------------------------------------------------------------
+
+    TRANSFER_TIMEOUT = 3600.0     # seconds a whole pull or push may take (ctr sets none)
+
+    def pull(self, ref: str, platform: str | None = None, plain_http: bool = False, credentials=None,
+             progress: Callable[[dict], None] | None = None, timeout: float | None = None, *,
+             unpack: bool | None = None, snapshotter: str | None = None) -> dict:
+        """Fetch `ref` for `platform` (`os/arch[/variant]`; default: berthd's host) from its
+        registry into the content store and create or update its image record; returns the record.
+
+        `credentials` is "user:password" or (user, password). `progress(report)` is called for each
+        report the transfer streams: {"ref", "digest", "status", "offset", "total"}, with `ref` the
+        blob's ingest ref (`layer-sha256:…`) or the image name, and status one of resolving,
+        waiting, downloading, exists, done (and the unpack's, for `unpack-…` refs). The pull holds
+        this thread's lease if there is one (see `lease()`), else one of berthd's own for as long as
+        it runs. `unpack` and `snapshotter`, when given, say whether and where berthd unpacks the
+        layers (its defaults otherwise)."""
+        args = {"ref": ref, "platform": platform, "plain_http": plain_http,
+                "credentials": _credentials(credentials)}
+        if unpack is not None:
+            args["unpack"] = unpack
+        if snapshotter is not None:
+            args["snapshotter"] = snapshotter
+        return self._transfer("pull", args, "image", progress, timeout)
+
+    def push(self, ref: str, image: str | None = None, plain_http: bool = False, credentials=None,
+             progress: Callable[[dict], None] | None = None, timeout: float | None = None) -> dict:
+        """Push the local image `image` (default: the one named `ref`) to the registry reference
+        `ref`: blobs the registry lacks, then manifests, then indexes; returns the pushed target
+        descriptor. Progress reports are as for `pull`, with statuses waiting, uploading, exists
+        and done."""
+        args = {"ref": ref, "image": image, "plain_http": plain_http, "credentials": _credentials(credentials)}
+        return self._transfer("push", args, "pushed", progress, timeout)
+
+    def _transfer(self, method: str, args: dict, key: str, progress, timeout: float | None) -> dict:
+        from bus.errors import Internal
+        result = None
+        for item, _ in self.conn.stream("transfer", method, args, namespace=self.namespace,
+                                        lease=self.active_lease,
+                                        timeout=self.TRANSFER_TIMEOUT if timeout is None else timeout):
+            if not isinstance(item, dict):
+                continue
+            if "progress" in item:
+                if progress is not None:
+                    progress(item["progress"])
+            elif key in item:
+                result = item[key]
+        if result is None:
+            raise Internal(f"transfer.{method} ended without a result")
+        return result
+
+    # --- archives (berth.archive) ------------------------------------------------------------
+
+    def import_archive(self, source, **options) -> list[dict]:
+        """Import the images of an OCI layout or `docker save` tar (a path, "-" for stdin, or a
+        binary file); returns the image records made. Options: see berth.archive.import_archive."""
+        from berth import archive
+        return archive.import_archive(self, source, **options)
+
+    def export_archive(self, dest, names: list[str], **options) -> dict:
+        """Write the named images as an OCI layout tar (a path, "-" for stdout, or a binary file).
+        Options: see berth.archive.export_archive."""
+        from berth import archive
+        return archive.export_archive(self, dest, names, **options)
 
     def version(self) -> dict:
         return {"client": VERSION, "server": self.call("berth", "version")["version"]}
@@ -260,6 +326,15 @@ class Content:
         self.client.call("content", "abort", {"ref": ref})
 
 
+def _credentials(credentials) -> str | None:
+    """"user:password" from either that string or a (user, password) pair."""
+    if credentials is None or isinstance(credentials, str):
+        return credentials or None
+    if isinstance(credentials, (tuple, list)) and len(credentials) == 2:
+        return f"{credentials[0]}:{credentials[1]}"
+    raise InvalidArgument("credentials must be 'user:password' or a (user, password) pair")
+
+
 def _read_full(reader: BinaryIO, n: int) -> bytes:
     """Up to n bytes, fewer only at the end of the stream (pipes and sockets return short reads)."""
     data = reader.read(n)
@@ -374,6 +449,62 @@ class Containers:
 
     def delete(self, id: str) -> dict:
         return self.client.call("metadata", "delete_container", {"id": id})
+
+
+class Snapshots:
+    """Snapshots: the layered trees containers run on. Every method takes `snapshotter=`
+    (default overlayfs; `available()` lists what berthd offers). Mounts come back as data,
+    [{"type", "source", "options"}], for the caller to mount (see berth.cli.snapshots)."""
+
+    COPY_TIMEOUT = 600.0      # seconds for calls that may copy or walk a whole tree (native)
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def _call(self, method: str, args: dict, snapshotter: str, **kw):
+        return self.client.call("snapshot", method, dict(args, snapshotter=snapshotter), **kw)
+
+    def available(self) -> list[dict]:
+        return self.client.call("snapshot", "snapshotters", idempotent=True)
+
+    def prepare(self, key: str, parent: str = "", labels: dict | None = None, *,
+                snapshotter: str = "overlayfs") -> list[dict]:
+        return self._call("prepare", {"key": key, "parent": parent, "labels": labels or {}}, snapshotter,
+                          timeout=self.COPY_TIMEOUT)
+
+    def view(self, key: str, parent: str = "", labels: dict | None = None, *,
+             snapshotter: str = "overlayfs") -> list[dict]:
+        return self._call("view", {"key": key, "parent": parent, "labels": labels or {}}, snapshotter,
+                          timeout=self.COPY_TIMEOUT)
+
+    def mounts(self, key: str, *, snapshotter: str = "overlayfs") -> list[dict]:
+        return self._call("mounts", {"key": key}, snapshotter, idempotent=True)
+
+    def commit(self, name: str, key: str, labels: dict | None = None, *, snapshotter: str = "overlayfs") -> dict:
+        return self._call("commit", {"name": name, "key": key, "labels": labels or {}}, snapshotter,
+                          timeout=self.COPY_TIMEOUT)
+
+    def remove(self, key: str, *, snapshotter: str = "overlayfs") -> None:
+        self._call("remove", {"key": key}, snapshotter, timeout=self.COPY_TIMEOUT)
+
+    def stat(self, key: str, *, snapshotter: str = "overlayfs") -> dict:
+        return self._call("stat", {"key": key}, snapshotter, idempotent=True)
+
+    def update(self, key: str, labels: dict, fieldpaths: list[str] | None = None, *,
+               snapshotter: str = "overlayfs") -> dict:
+        return self._call("update", {"key": key, "labels": labels, "fieldpaths": fieldpaths or []}, snapshotter)
+
+    def set_labels(self, key: str, labels: dict, *, snapshotter: str = "overlayfs") -> dict:
+        """Set (or, with an empty value, remove) the given labels, leaving others as they are."""
+        if not labels:
+            return self.stat(key, snapshotter=snapshotter)
+        return self.update(key, labels, [f"labels.{k}" for k in labels], snapshotter=snapshotter)
+
+    def list(self, filters: list[str] | tuple = (), *, snapshotter: str = "overlayfs") -> list[dict]:
+        return self._call("list", {"filters": list(filters)}, snapshotter, idempotent=True)
+
+    def usage(self, key: str, *, snapshotter: str = "overlayfs") -> dict:
+        return self._call("usage", {"key": key}, snapshotter, idempotent=True, timeout=self.COPY_TIMEOUT)
 
 
 class Events:

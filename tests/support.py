@@ -18,6 +18,7 @@ ACTOR_PROBES = {
     "events": ("events", "head", {}),
     "metadata": ("metadata", "list_namespaces", {}),
     "content": ("content", "list", {}),
+    "snapshot": ("snapshot", "list", {}),
     "transfer": ("transfer", "active_transfers", {}),
 }
 

@@ -1,4 +1,8 @@
-"""`berth content ls|get|ingest|active|rm|label`: the content store, as ctr shows it."""
+"""`berth content ls|get|fetch|ingest|active|rm|label`: the content store, as ctr shows it.
+
+`content fetch` is ctr's: it fetches all the content of an image for a platform, and, as
+containerd's client.Fetch does, records the image too; unlike `images pull` it never unpacks.
+"""
 from __future__ import annotations
 
 import sys
@@ -20,6 +24,11 @@ def register(sub) -> None:
     get = cmds.add_parser("get", help="write a blob's bytes to stdout")
     get.add_argument("digest")
     get.set_defaults(func=get_)
+
+    from berth.cli.pull import add_pull_arguments
+    fetch = cmds.add_parser("fetch", help="fetch all content of an image from a registry (no unpack)")
+    add_pull_arguments(fetch)
+    fetch.set_defaults(func=fetch_)
 
     ing = cmds.add_parser("ingest", help="store what stdin holds under REF; print its digest")
     ing.add_argument("--expected-size", type=int, metavar="N", help="fail unless stdin holds exactly N bytes")
@@ -65,6 +74,11 @@ def get_(client, args) -> int:
         out.write(chunk)
     out.flush()
     return 0
+
+
+def fetch_(client, args) -> int:
+    from berth.cli.pull import pull
+    return pull(client, args, unpack=False)
 
 
 def ingest(client, args) -> int:

@@ -1,6 +1,8 @@
-"""`berth images ls|rm|tag`: image records, with sizes and platforms read from their content.
+"""`berth images ls|rm|tag|check|pull|push|import|export`: image records, with sizes and platforms
+read from their content; transfers to and from registries (the transfer actor) and archives
+(berth.archive, on this side of the bus, as containerd's client does them).
 
-(pull, push, import, export, check and mount come with the transfer and snapshot services.)
+(mount and unmount come with the snapshot service.)
 """
 from __future__ import annotations
 
@@ -36,6 +38,48 @@ def register(sub) -> None:
     tag.add_argument("source", metavar="SRC")
     tag.add_argument("targets", nargs="+", metavar="DST")
     tag.set_defaults(func=tag_)
+
+    chk = cmds.add_parser("check", help="check that images' content is all here, as ctr does")
+    chk.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                     help="check an index's manifest for this platform (default: this host's)")
+    add_format(chk)
+    chk.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. 'name~=busybox'; any one may match")
+    chk.set_defaults(func=check)
+
+    from berth.cli.pull import add_pull_arguments, add_registry_arguments, add_snapshotter_argument
+    pl = cmds.add_parser("pull", help="fetch an image from a registry and create or update its record")
+    add_snapshotter_argument(pl)
+    add_pull_arguments(pl)
+    pl.set_defaults(func=_pull)
+
+    ps = cmds.add_parser("push", help="push a local image to a registry")
+    add_registry_arguments(ps)
+    ps.add_argument("remote", metavar="REMOTE", help="where to push: registry/repository:tag")
+    ps.add_argument("local", nargs="?", metavar="LOCAL", help="the local image (default: REMOTE)")
+    ps.set_defaults(func=push)
+
+    imp = cmds.add_parser("import", help="import images from an OCI layout or `docker save` tar; print each")
+    imp.add_argument("--base-name", metavar="NAME",
+                     help="name put before bare tags (default: import-<yyyy-mm-dd>); when given, only "
+                          "images whose names start with it are imported")
+    imp.add_argument("--digests", action="store_true", help="also create <base-name>@<digest> images")
+    imp.add_argument("--index-name", metavar="NAME", help="keep the archive's index as this image")
+    imp.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                     help="the platform to take from multi-platform indexes (default: this host's)")
+    imp.add_argument("--all-platforms", action="store_true", help="take every platform of indexes")
+    imp.add_argument("file", metavar="FILE", help="the tar archive; - reads stdin")
+    imp.set_defaults(func=import_)
+
+    exp = cmds.add_parser("export", help="write images to an OCI layout tar")
+    exp.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                     help="the platform to take from multi-platform indexes (default: this host's)")
+    exp.add_argument("--all-platforms", action="store_true",
+                     help="take every platform of indexes (all must have been pulled)")
+    exp.add_argument("--skip-manifest-json", action="store_true",
+                     help="leave out the manifest.json that `docker load` reads")
+    exp.add_argument("file", metavar="FILE", help="the archive to write; - writes stdout")
+    exp.add_argument("names", nargs="+", metavar="REF")
+    exp.set_defaults(func=export)
 
 
 def list_(client, args) -> int:
@@ -85,6 +129,155 @@ def tag_(client, args) -> int:
         client.images.tag(args.source, target, force=args.force)
         print(target)
     return 0
+
+
+def _pull(client, args) -> int:
+    from berth.cli.pull import pull
+    return pull(client, args)
+
+
+def push(client, args) -> int:
+    from berth.cli.pull import progress_display, registry_credentials
+    credentials = registry_credentials(args)
+    with progress_display() as show:
+        target = client.push(args.remote, image=args.local, plain_http=args.plain_http,
+                             credentials=credentials, progress=show)
+    print(f"pushed: {args.remote} digest: {target['digest']}", flush=True)
+    return 0
+
+
+def import_(client, args) -> int:
+    try:
+        images = client.import_archive(args.file, base_name=args.base_name, digests=args.digests,
+                                       index_name=args.index_name, platform=args.platform,
+                                       all_platforms=args.all_platforms)
+    except OSError as e:
+        print(f"berth: {args.file}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    for image in images:
+        print(f"image: {image['name']} digest: {image['target']['digest']}")
+    return 0
+
+
+def export(client, args) -> int:
+    if args.file == "-" and sys.stdout.isatty():
+        print("berth: refusing to write an archive to a terminal; give a file or redirect stdout",
+              file=sys.stderr)
+        return 1
+    try:
+        client.export_archive(args.file, args.names, platform=args.platform, all_platforms=args.all_platforms,
+                              docker_manifest=not args.skip_manifest_json)
+    except OSError as e:
+        print(f"berth: {args.file}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check(client, args) -> int:
+    """ctr's `images check`: for each image, whether the config and layers of its manifest (in an
+    index: the one for the platform) are in the content store."""
+    from actors.transfer import PlatformMatcher
+    from berth.cli.content import human_size
+    matcher = PlatformMatcher(args.platform)
+    rows, failed = [], 0
+    cache: dict = {}
+    for image in client.images.list(args.filters):
+        result = check_image(client, image["target"], matcher, cache)
+        failed |= result["status"] == "error"
+        rows.append({"name": image["name"], "mediaType": image["target"]["mediaType"],
+                     "digest": image["target"]["digest"], **result, "unpacked": False})
+    if args.format == "json":
+        as_json(rows)
+        return failed
+    table_rows = []
+    for row in rows:
+        status, size = row["status"], "-"
+        if row["status"] != "error":
+            if row["available"]:
+                status += f" ({row['present']}/{row['required']})"
+                size = f"{human_size(row['present_size'])}/{human_size(row['required_size'])}"
+            else:
+                status += f" ({row['present']}/?)"
+                size = f"{human_size(row['present_size'])}/?"
+        table_rows.append([row["name"], row["mediaType"], row["digest"], status, size, "false"])
+    table(["REF", "TYPE", "DIGEST", "STATUS", "SIZE", "UNPACKED"], table_rows)
+    return failed
+
+
+def check_image(client, target: dict, matcher, cache: dict) -> dict:
+    """containerd's images.Check: {"status": complete|incomplete|unavailable|error, "available",
+    "present", "required" (counts), "present_size", "required_size", "error"?}. Unavailable: the
+    manifest itself (for the platform) is not here, so what it needs is not known."""
+    from bus.errors import BerthError, NotFound
+    try:
+        manifest = _platform_manifest(client, target, matcher, cache, top=True, depth=0)
+    except NotFound:
+        manifest = None
+    except BerthError as e:
+        print(f"berth: unable to check {target.get('digest')}: {e}", file=sys.stderr)
+        return {"status": "error", "available": False, "present": 0, "required": 0,
+                "present_size": 0, "required_size": 0, "error": str(e)}
+    if manifest is None:
+        return {"status": "unavailable", "available": False, "present": 0, "required": 0,
+                "present_size": 0, "required_size": 0}
+    required = [manifest.config, *manifest.layers]
+    present = [d for d in required if _stored(client, d, cache)]
+    return {"status": "complete" if len(present) == len(required) else "incomplete", "available": True,
+            "present": len(present), "required": len(required),
+            "present_size": sum(d["size"] for d in present), "required_size": sum(d["size"] for d in required)}
+
+
+def _platform_manifest(client, desc: dict, matcher, cache: dict, top: bool, depth: int):
+    """The manifest an image resolves to on `matcher`'s platform (containerd's images.Manifest):
+    a top-level manifest as it is; in an index, the best-ranked entry whose platform (or, lacking
+    one, whose config's) matches. NotFound when that content is missing or nothing matches."""
+    from actors.transfer import MAX_DEPTH
+    from bus.errors import InvalidArgument, NotFound
+    if depth > MAX_DEPTH:
+        raise InvalidArgument(f"indexes nested more than {MAX_DEPTH} deep")
+    doc = _document(client, desc, cache)
+    if doc.kind == "manifest":
+        if not top and "platform" not in desc:
+            config = _json_blob(client, doc.config, cache)
+            if config is None or matcher.rank({k: config.get(k) for k in ("os", "architecture", "variant")
+                                               if isinstance(config.get(k), str)}) is None:
+                return None
+        return doc
+    for child in matcher.select(doc.manifests, limit=len(doc.manifests)):
+        found = _platform_manifest(client, child, matcher, cache, top=False, depth=depth + 1)
+        if found is not None:
+            return found
+    if top:
+        raise NotFound(f"no manifest for the platform in {desc['digest']}")
+    return None
+
+
+def _document(client, desc: dict, cache: dict):
+    """A stored manifest or index, verified and parsed (actors.transfer.parse_document)."""
+    import hashlib
+    from actors.transfer import MAX_MANIFEST, check_descriptor, parse_document
+    from bus.errors import FailedPrecondition, ResourceExhausted
+    desc = check_descriptor(desc, "image target")
+    key = ("doc", desc["digest"])
+    if key not in cache:
+        if desc["size"] > MAX_MANIFEST:
+            raise ResourceExhausted(f"{desc['digest']} is {desc['size']} bytes, over the manifest limit")
+        data = b"".join(client.content.read(desc["digest"], size=desc["size"]))
+        if "sha256:" + hashlib.sha256(data).hexdigest() != desc["digest"]:
+            raise FailedPrecondition(f"stored {desc['digest']} does not match its digest")
+        cache[key] = parse_document(data, desc)
+    return cache[key]
+
+
+def _stored(client, desc: dict, cache: dict) -> bool:
+    from bus.errors import NotFound
+    key = ("info", desc["digest"])
+    if key not in cache:
+        try:
+            cache[key] = client.content.info(desc["digest"])["size"] == desc["size"]
+        except NotFound:
+            cache[key] = False
+    return cache[key]
 
 
 # --- what an image's content says about it --------------------------------------------------

@@ -7,7 +7,8 @@ import os
 import sys
 
 # Command groups, each a module in berth.cli with register(subparsers).
-GROUPS = ["version", "namespaces", "content", "images", "containers", "leases", "gc", "events", "debug"]
+GROUPS = ["version", "namespaces", "content", "snapshots", "images", "pull", "containers", "leases", "gc",
+          "events", "debug"]
 
 
 def build_parser() -> argparse.ArgumentParser:

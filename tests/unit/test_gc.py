@@ -3,7 +3,7 @@ import hashlib
 import os
 
 from actors.content import ContentStore
-from actors.metadata import MetadataStore, mark
+from actors.metadata import MetadataStore, mark, mark_snapshots, snapshot_roots
 
 
 def dgst(data: bytes) -> str:
@@ -79,3 +79,22 @@ def test_sweep_removes_orphan_files_and_idle_unleased_ingests(tmp_path):
     assert result == {"removed": 0, "orphans": 1, "ingests": 1}
     assert not orphan.exists()
     assert [s["ref"] for s in content.list_statuses("a")] == ["kept"]
+
+
+def test_snapshot_roots_come_from_records_leases_and_config_labels():
+    graph = {"a": {"cfg": {"containerd.io/gc.ref.snapshot.overlayfs": "sha256:top"}, "dead": {
+        "containerd.io/gc.ref.snapshot.overlayfs": "sha256:gone"}}}
+    roots = {"a": {"content": set(), "ingests": set(), "snapshots": {("native", "web")}}}
+    held = snapshot_roots({"a": {"cfg"}}, graph, roots)
+    assert held == {("overlayfs", "a", "sha256:top"), ("native", "a", "web")}
+
+
+def test_mark_snapshots_keeps_parent_chains_and_gc_roots():
+    rows = [{"namespace": "a", "key": "l1", "parent": "", "labels": {}},
+            {"namespace": "a", "key": "l2", "parent": "l1", "labels": {}},
+            {"namespace": "a", "key": "top", "parent": "l2", "labels": {}},
+            {"namespace": "a", "key": "stray", "parent": "l1", "labels": {}},
+            {"namespace": "a", "key": "pinned", "parent": "", "labels": {"containerd.io/gc.root": "x"}},
+            {"namespace": "b", "key": "l1", "parent": "", "labels": {}}]
+    live = mark_snapshots({"overlayfs": rows}, {("overlayfs", "a", "top")})
+    assert live == {("overlayfs", "a", k) for k in ("l1", "l2", "top", "pinned")}
