@@ -637,7 +637,9 @@ class ContentActor(Actor):
         return self.store.commit(ns, ref, size, expected, labels)
 
     def _hold(self, call: Call, ns: str, kind: str, resource: str) -> None:
-        """Put the resource in the request's lease before it exists, so GC can never see it unheld."""
+        """Bring the namespace into being and put the resource in the request's lease before it
+        exists, so GC can never see it unheld."""
+        self.call("metadata", "ensure_namespace", {"name": ns})
         if call.lease:
             self.call("metadata", "add_lease_resource", {"lease": call.lease, "type": kind, "id": resource},
                       namespace=ns)

@@ -155,6 +155,11 @@ class MetadataStore:
         if created:
             self.publish(ns, "/namespaces/create", {"name": ns, "labels": {}})
 
+    def ensure_namespace(self, name: str) -> None:
+        """What content and snapshots call before writing into a namespace, so it exists."""
+        with self.tx_in(name):
+            pass
+
     def get_namespace(self, name: str) -> dict:
         row = self.db.execute("SELECT name, labels, created_at, updated_at FROM namespaces WHERE name=?",
                               (name,)).fetchone()
@@ -581,6 +586,10 @@ class MetadataActor(Actor):
         return self.store.create_namespace(name, labels)
 
     @method
+    def ensure_namespace(self, name: Identifier) -> None:
+        self.store.ensure_namespace(name)
+
+    @method
     def get_namespace(self, name: Identifier) -> dict:
         return self.store.get_namespace(name)
 
@@ -592,8 +601,16 @@ class MetadataActor(Actor):
     def update_namespace(self, name: Identifier, labels: Labels, fieldpaths: list[str] | None = None) -> dict:
         return self.store.update_namespace(name, labels, fieldpaths or [])
 
-    @method
+    @method(blocking=True)
     def delete_namespace(self, name: Identifier) -> None:
+        """Refused while the namespace holds records here, or content or snapshots elsewhere."""
+        self.store.get_namespace(name)
+        if self.call("content", "list", namespace=name):
+            raise FailedPrecondition(f"namespace {name} must be empty, but it still has content")
+        for backend in self.call("snapshot", "snapshotters"):
+            if self.call("snapshot", "list", {"snapshotter": backend["name"]}, namespace=name):
+                raise FailedPrecondition(f"namespace {name} must be empty, but it still has "
+                                         f"{backend['name']} snapshots")
         self.store.delete_namespace(name)
 
     @method

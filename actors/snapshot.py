@@ -776,7 +776,9 @@ class SnapshotActor(Actor):
         return found
 
     def _hold(self, call: Call, ns: str, snapshotter: str, key: str) -> None:
-        """Put the snapshot in the request's lease before it exists, so GC never sees it unheld."""
+        """Bring the namespace into being and put the snapshot in the request's lease before it
+        exists, so GC never sees it unheld."""
+        self.call("metadata", "ensure_namespace", {"name": ns})
         if call.lease:
             self.call("metadata", "add_lease_resource",
                       {"lease": call.lease, "type": f"snapshots/{snapshotter}", "id": key}, namespace=ns)

@@ -569,6 +569,7 @@ def call(ns=NS):
 
 def test_actor_selects_the_snapshotter_by_name(native, tmp_path):
     actor = SnapshotActor({"native": native})
+    actor.call = lambda service, method, args=None, **kw: None     # no other actors in a unit test
     actor.prepare(ns=NS, key="a", call=call(), snapshotter="native")
     assert [i["name"] for i in actor.list(ns=NS, snapshotter="native")] == ["a"]
     with pytest.raises(NotFound, match="not available on this machine"):
