@@ -606,3 +606,8 @@ __all__ = [
     "build_layered_image", "busybox_arm64_image", "busybox_image", "layered_image", "layout_blob",
     "layout_manifest", "registry", "run",
 ]
+
+
+if __name__ == "__main__":
+    # `python3 -m tests.registry`: build the busybox test image and print its OCI layout's path.
+    print(build_busybox_image())
