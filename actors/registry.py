@@ -24,6 +24,7 @@ ACTORS: list[ActorSpec] = [
     ActorSpec("content", "actors.content", requires=("events", "metadata")),
     ActorSpec("snapshot", "actors.snapshot", requires=("events", "metadata", "content")),
     ActorSpec("transfer", "actors.transfer", requires=("metadata", "content")),
+    ActorSpec("runtime", "actors.runtime", requires=("events", "metadata", "snapshot")),
 ]
 
 BY_NAME = {spec.name: spec for spec in ACTORS}

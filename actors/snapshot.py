@@ -764,7 +764,7 @@ class SnapshotActor(Actor):
             self.publisher.close()
 
     def stats(self) -> dict:
-        return {name: s.stats() for name, s in self.backends.items()}
+        return dict({name: s.stats() for name, s in self.backends.items()}, applied=self.applied)
 
     def _get(self, snapshotter: str) -> Snapshotter:
         found = self.backends.get(snapshotter)

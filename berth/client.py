@@ -22,7 +22,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from berth.version import VERSION
 from bus.client import Connection
-from bus.errors import AlreadyExists, BerthError, FailedPrecondition, InvalidArgument, NotFound
+from bus.errors import AlreadyExists, BerthError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 
 DEFAULT_ADDRESS = "/run/berth/berth.sock"
 DEFAULT_NAMESPACE = "default"
@@ -41,6 +41,7 @@ class Client:
         self.images = Images(self)
         self.containers = Containers(self)
         self.snapshots = Snapshots(self)
+        self.tasks = Tasks(self)
 
     @property
     def conn(self) -> Connection:
@@ -450,6 +451,56 @@ class Containers:
     def delete(self, id: str) -> dict:
         return self.client.call("metadata", "delete_container", {"id": id})
 
+    def new(self, id: str, image: dict | str | None = None, *, spec_opts: list | tuple = (),
+            spec: dict | None = None, snapshotter: str = "overlayfs", runtime: str | dict = "runc",
+            labels: dict | None = None, args: list[str] | None = None) -> "Container":
+        """A container from an unpacked image: its snapshot (key = the id, on the image's top
+        chainID), a spec from berth.oci (the image's config, then `spec_opts` in order), and its
+        record; ctr's `run` makes the same three. `args`, when given, replace the image's Cmd
+        (its Entrypoint stays), as ctr's do. With `spec`, that spec is used as it is."""
+        from bus.validate import check_identifier
+        check_identifier(id, "container id")
+        client = self.client
+        name, mounts = "", []
+        config = None
+        with client.lease(expire=600):
+            if image is not None:
+                record = _get_image(client, image) if isinstance(image, str) else image
+                name = record["name"]
+                _, config = image_config(client, record)
+                diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+                parent = top_chain_id(diff_ids)
+                try:
+                    mounts = client.snapshots.prepare(id, parent, snapshotter=snapshotter)
+                except NotFound:
+                    raise FailedPrecondition(f"image {name} is not unpacked for snapshotter {snapshotter}; "
+                                             f"pull it again with that snapshotter") from None
+            try:
+                if spec is None:
+                    spec = self._spec(id, config, spec_opts, mounts, args)
+                made = self.create(id, runtime=runtime, spec=spec, image=name,
+                                   snapshotter=snapshotter if image is not None else "",
+                                   snapshot_key=id if image is not None else "", labels=labels)
+            except BaseException:
+                if image is not None:
+                    with contextlib.suppress(BerthError):
+                        client.snapshots.remove(id, snapshotter=snapshotter)
+                raise
+        return Container(client, made)
+
+    def _spec(self, id: str, config: dict | None, spec_opts, mounts: list[dict], args: list[str] | None) -> dict:
+        from berth import oci
+        opts = ([oci.with_image_config(config, args=args or None)] if config is not None else []) + list(spec_opts)
+        if config is None and args:
+            opts.insert(0, oci.with_process_args(*args))
+        if not mounts:
+            return oci.generate(self.client.namespace, id, *opts, image_config=config)
+        with _rootfs_mounted(mounts) as rootfs:
+            return oci.generate(self.client.namespace, id, *opts, rootfs=rootfs, image_config=config)
+
+    def load(self, id: str) -> "Container":
+        return Container(self.client, self.get(id))
+
 
 class Snapshots:
     """Snapshots: the layered trees containers run on. Every method takes `snapshotter=`
@@ -505,6 +556,13 @@ class Snapshots:
 
     def usage(self, key: str, *, snapshotter: str = "overlayfs") -> dict:
         return self._call("usage", {"key": key}, snapshotter, idempotent=True, timeout=self.COPY_TIMEOUT)
+
+    def diff(self, key: str, labels: dict | None = None, *, snapshotter: str = "overlayfs") -> dict:
+        """What snapshot `key` (active or committed) changes over its parent, as a gzip layer
+        committed to the content store with `labels` (and its diffID as
+        `containerd.io/uncompressed`); returns its descriptor {mediaType, digest, size, diff_id}.
+        The blob is held by this thread's lease, if any, until a label or an image holds it."""
+        return self._call("diff", {"key": key, "labels": labels or {}}, snapshotter, timeout=self.COPY_TIMEOUT)
 
 
 class Events:
@@ -590,3 +648,457 @@ def _matcher(filters):
         return lambda envelope: True
     from bus.filters import parse
     return parse(list(filters)).match
+
+
+# --- containers, tasks and their stdio -------------------------------------------------------------
+
+INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+               "application/vnd.docker.distribution.manifest.list.v2+json")
+GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
+WAIT_SLICE = 300.0            # seconds one wait request may block in berthd; the client asks again
+_ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
+           "armv6l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",
+           "riscv64": "riscv64"}
+
+
+def image_config(client: "Client", image: dict | str) -> tuple[dict, dict]:
+    """(config descriptor, parsed config) of an image record or name, for this host's platform
+    where the image is an index."""
+    import json
+    import platform
+    record = _get_image(client, image) if isinstance(image, str) else image
+    desc = record["target"]
+    for _ in range(4):                             # an index of indexes is allowed, a loop is not
+        doc = json.loads(_read_blob(client, desc))
+        if desc.get("mediaType") not in INDEX_TYPES and "manifests" not in doc:
+            break
+        arch = _ARCHES.get(platform.machine(), platform.machine())
+        found = [m for m in doc.get("manifests") or []
+                 if (m.get("platform") or {}).get("os", "linux") == "linux"
+                 and (m.get("platform") or {}).get("architecture", arch) == arch]
+        if not found:
+            raise NotFound(f"image {record['name']} has no manifest for linux/{arch}")
+        desc = found[0]
+    config_desc = doc.get("config")
+    if not isinstance(config_desc, dict) or "digest" not in config_desc:
+        raise InvalidArgument(f"image {record['name']}: its manifest names no config")
+    config = json.loads(_read_blob(client, config_desc))
+    return config_desc, config
+
+
+def _get_image(client: "Client", name: str) -> dict:
+    # Not Images.get: on `run`'s path a retrying call would cost an import of tenacity.
+    return client.call("metadata", "get_image", {"name": name})
+
+
+def _read_blob(client: "Client", desc: dict) -> bytes:
+    """A whole blob, in one request when its descriptor says it fits in one."""
+    size = desc.get("size")
+    if isinstance(size, int) and 0 < size <= Content.READ_CHUNK:
+        _, frames = client.call("content", "read", {"digest": desc["digest"], "offset": 0, "size": size},
+                                with_frames=True)
+        data = frames[0] if frames else b""
+        if len(data) == size:
+            return data
+    return client.content.read_all(desc["digest"])
+
+
+def top_chain_id(diff_ids: list[str]) -> str:
+    """The chainID of the whole layer stack (OCI image spec): the image's unpacked snapshot."""
+    import hashlib
+    chain = ""
+    for diff_id in diff_ids:
+        chain = diff_id if not chain else "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+    return chain
+
+
+def _rootfs_mounted(mounts: list[dict]):
+    """A context manager: the snapshot's tree, read-only, on a private temporary directory, for
+    reading the image's /etc/passwd and /etc/group; None where it cannot be mounted (this
+    process is not root, or the mounts are of a kind not handled here): then only numeric users
+    work. An overlay is mounted from its layers alone (upper first), which needs no workdir and
+    cannot change the snapshot."""
+    import tempfile
+
+    @contextlib.contextmanager
+    def mounted():
+        target = tempfile.mkdtemp(prefix="berth-rootfs-")
+        try:
+            if not _mount_read_only(mounts, target):
+                yield None
+                return
+            try:
+                yield target
+            finally:
+                _umount(target)
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(target)
+    return mounted()
+
+
+_MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MNT_DETACH = 1, 32, 4096, 16384, 2
+
+
+def _mount_read_only(mounts: list[dict], target: str) -> bool:
+    import ctypes
+    if len(mounts) != 1:
+        return False
+    m = mounts[0]
+    options = list(m.get("options") or [])
+    libc = ctypes.CDLL(None, use_errno=True)
+    if m.get("type") == "bind":
+        calls = [(m.get("source", ""), None, _MS_BIND | _MS_REC, None),
+                 (None, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY, None)]
+    elif m.get("type") == "overlay":
+        lowers = [o[len("lowerdir="):] for o in options if o.startswith("lowerdir=")]
+        upper = [o[len("upperdir="):] for o in options if o.startswith("upperdir=")]
+        data = ",".join(["lowerdir=" + ":".join(upper + lowers), *(o for o in options if o == "index=off")])
+        if not lowers or len(data) >= 4095:
+            return False
+        calls = [("overlay", "overlay", _MS_RDONLY, data)]
+    else:
+        return False
+    for i, (source, fstype, flags, data) in enumerate(calls):
+        enc = [None if v is None else v.encode() for v in (source, target, fstype, data)]
+        if libc.mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3]) != 0:
+            if i:
+                _umount(target)
+            return False
+    return True
+
+
+def _umount(target: str) -> None:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).umount2(target.encode(), _MNT_DETACH)
+
+
+class Container:
+    """A container record and what is done with it: tasks, deletion with its snapshot."""
+
+    def __init__(self, client: Client, record: dict):
+        self.client = client
+        self.record = record
+        self.id = record["id"]
+
+    @property
+    def spec(self) -> dict:
+        return self.record.get("spec") or {}
+
+    def new_task(self, stdio: "Stdio | None" = None, *, stdin: str = "", stdout: str = "", stderr: str = "",
+                 terminal: bool | None = None, checkpoint: str = "") -> "Task":
+        """Create the container's task (its init created, not started). `stdio`: a Stdio (FIFOs it
+        made), or give the paths; none means /dev/null. `terminal` defaults to the spec's."""
+        if stdio is not None:
+            stdin, stdout, stderr = stdio.stdin, stdio.stdout, stdio.stderr
+            terminal = stdio.terminal if terminal is None else terminal
+        if terminal is None:
+            terminal = bool(self.spec.get("process", {}).get("terminal"))
+        result = self.client.call("runtime", "create", {"container_id": self.id, "stdin": stdin, "stdout": stdout,
+                                                        "stderr": stderr, "terminal": terminal,
+                                                        "checkpoint": checkpoint}, timeout=120)
+        return Task(self.client, self.id, result.get("pid", 0), stdio)
+
+    def task(self) -> "Task":
+        """The container's existing task."""
+        state = self.client.tasks.state(self.id)
+        return Task(self.client, self.id, state.get("pid", 0))
+
+    def delete(self, snapshot: bool = True, check_task: bool = True) -> dict:
+        """Delete the record, and with `snapshot` its snapshot (ctr's WithSnapshotCleanup). Refused
+        while the container has a task."""
+        if check_task:
+            try:
+                self.client.tasks.state(self.id)
+            except NotFound:
+                pass
+            else:
+                raise FailedPrecondition(f"container {self.id} has a task: delete the task first")
+        if snapshot and self.record.get("snapshot_key"):
+            with contextlib.suppress(NotFound):
+                self.client.snapshots.remove(self.record["snapshot_key"], snapshotter=self.record["snapshotter"])
+        return self.client.containers.delete(self.id)
+
+
+class Tasks:
+    """The tasks service: what runs, in this namespace."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def list(self) -> list[dict]:
+        return self.client.call("runtime", "list", timeout=60)
+
+    def state(self, container_id: str) -> dict:
+        return self.client.call("runtime", "state", {"container_id": container_id})
+
+    def get(self, container_id: str) -> "Task":
+        state = self.state(container_id)
+        return Task(self.client, container_id, state.get("pid", 0))
+
+
+class Task:
+    """A container's task: its init process, and the processes exec'd into it."""
+
+    exec_id = ""
+
+    def __init__(self, client: Client, container_id: str, pid: int = 0, stdio: "Stdio | None" = None):
+        self.client = client
+        self.container_id = container_id
+        self.pid = pid
+        self.stdio = stdio
+
+    def _call(self, method: str, args: dict | None = None, **kw):
+        return self.client.call("runtime", method, dict(args or {}, container_id=self.container_id), **kw)
+
+    def _exec_args(self) -> dict:
+        return {"exec_id": self.exec_id} if self.exec_id else {}
+
+    def start(self) -> int:
+        self.pid = self._call("start", self._exec_args(), timeout=120).get("pid", 0)
+        return self.pid
+
+    def wait_result(self, timeout: float | None = None) -> dict:
+        """{id, pid, exit_status, exited_at} once the process has exited."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+            if slice_ <= 0:
+                raise DeadlineExceeded(f"{self._describe()} did not exit within {timeout}s")
+            try:
+                return self._call("wait", self._exec_args(), timeout=max(1.0, slice_))
+            except DeadlineExceeded:
+                continue
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit status (the shell's convention: 128 + the signal that killed it)."""
+        return self.wait_result(timeout)["exit_status"]
+
+    def kill(self, signal: int = 15, all: bool = False) -> None:
+        self._call("kill", dict(self._exec_args(), signal=int(signal), all=all))
+
+    def delete(self, drain: float = 5.0) -> dict:
+        """Delete the stopped process; its exit. The task's delete unmounts its rootfs. The
+        process's Stdio, if it was given one, has its output copied to the end (for up to `drain`
+        seconds: with a terminal, the shim ends its copy here) and is closed."""
+        result = self._call("delete", self._exec_args(), timeout=120)
+        if self.stdio is not None:
+            self.stdio.drain(drain)
+            self.stdio.close()
+        return result
+
+    def resize(self, width: int, height: int) -> None:
+        self._call("resize_pty", dict(self._exec_args(), width=width, height=height))
+
+    def close_io(self) -> None:
+        self._call("close_io", self._exec_args())
+
+    def _describe(self) -> str:
+        return f"exec {self.exec_id} of {self.container_id}" if self.exec_id else f"task {self.container_id}"
+
+    # --- the task as a whole -----------------------------------------------------------------
+
+    def state(self) -> dict:
+        return self.client.tasks.state(self.container_id)
+
+    def status(self) -> str:
+        return self.state()["status"]
+
+    def pause(self) -> None:
+        self._call("pause")
+
+    def resume(self) -> None:
+        self._call("resume")
+
+    def pids(self) -> list[dict]:
+        return self._call("pids")
+
+    def metrics(self) -> dict:
+        return self._call("metrics")
+
+    def update(self, resources: dict) -> None:
+        self._call("update", {"resources": resources})
+
+    def checkpoint(self, exit: bool = False) -> str:
+        """Checkpoint the task with CRIU; the image's directory (under berthd's root)."""
+        return self._call("checkpoint", {"exit": exit}, timeout=600)["path"]
+
+    def exec(self, exec_id: str, args: list[str] | None = None, *, spec: dict | None = None,
+             stdio: "Stdio | None" = None, stdin: str = "", stdout: str = "", stderr: str = "",
+             terminal: bool | None = None, env: list[str] | None = None, cwd: str | None = None,
+             user: dict | None = None) -> "Process":
+        """Add a process to the task (created, not started). What `spec` leaves out comes from
+        the container's own process (env, user, cwd, capabilities...), as `ctr task exec`."""
+        spec = dict(spec or {})
+        if args is not None:
+            spec["args"] = list(args)
+        if env is not None:
+            spec["env"] = list(env)
+        if cwd is not None:
+            spec["cwd"] = cwd
+        if user is not None:
+            spec["user"] = user
+        if stdio is not None:
+            stdin, stdout, stderr = stdio.stdin, stdio.stdout, stdio.stderr
+            terminal = stdio.terminal if terminal is None else terminal
+        self.client.call("runtime", "exec", {"container_id": self.container_id, "exec_id": exec_id, "spec": spec,
+                                             "stdin": stdin, "stdout": stdout, "stderr": stderr,
+                                             "terminal": bool(terminal)})
+        return Process(self.client, self.container_id, exec_id, stdio)
+
+
+class Process(Task):
+    """A process exec'd into a task: start, wait, kill, resize, close_io, delete."""
+
+    def __init__(self, client: Client, container_id: str, exec_id: str, stdio: "Stdio | None" = None):
+        super().__init__(client, container_id, 0, stdio)
+        self.exec_id = exec_id
+
+
+class Stdio:
+    """A task's stdio as FIFOs in a private directory, and the copying to and from them
+    (containerd's cio: NewFIFOSet, then the copy goroutines).
+
+        stdio = Stdio(stdin=True)                       # FIFOs made and opened
+        task = container.new_task(stdio)
+        stdio.attach(sys.stdin.fileno(), 1, 2, on_stdin_eof=task.close_io)
+        task.start(); status = task.wait(); stdio.drain(); task.delete()
+
+    Our ends are opened before the task is created: stdin read-write (so opening never blocks),
+    stdout and stderr read-only and non-blocking. The copies start in `attach`, after the shim
+    has opened its ends: a FIFO read with no writer yet would look like the end of the output.
+    At the end of our input the FIFO is closed and `on_stdin_eof` called (the task's close_io),
+    so the process reads EOF. With a terminal, stderr is the terminal too: there is no stderr FIFO.
+    """
+
+    def __init__(self, stdin: bool = False, stdout: bool = True, stderr: bool = True, terminal: bool = False):
+        import tempfile
+        self.terminal = terminal
+        self.dir = tempfile.mkdtemp(prefix="berth-io-")
+        self.fds: dict[str, int] = {}
+        self.pumps: list[_Pump] = []
+        self.stdin_pump: _Pump | None = None
+        self.stdin = self.stdout = self.stderr = ""
+        try:
+            for name, wanted, flags in (("stdin", stdin, os.O_RDWR), ("stdout", stdout, os.O_RDONLY | os.O_NONBLOCK),
+                                        ("stderr", stderr and not terminal, os.O_RDONLY | os.O_NONBLOCK)):
+                if not wanted:
+                    continue
+                path = os.path.join(self.dir, name)
+                os.mkfifo(path, 0o600)
+                self.fds[name] = os.open(path, flags | os.O_CLOEXEC)
+                setattr(self, name, path)
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self, stdin: int | None = None, stdout: int | None = 1, stderr: int | None = 2,
+               on_stdin_eof: Callable[[], None] | None = None) -> None:
+        """Start copying: our `stdin` into the process, its output to `stdout` and `stderr`."""
+        if "stdout" in self.fds:
+            self.pumps.append(_Pump("stdout", self.fds["stdout"], stdout))
+        if "stderr" in self.fds:
+            self.pumps.append(_Pump("stderr", self.fds["stderr"], stderr))
+        if "stdin" in self.fds and stdin is not None:
+            fifo = self.fds.pop("stdin")
+            os.set_blocking(fifo, False)
+            self.stdin_pump = _Pump("stdin", stdin, fifo, close_dst=True, on_eof=on_stdin_eof)
+            self.stdin_pump.start()
+        for pump in self.pumps:
+            pump.start()
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Wait (up to `timeout`) for the output to reach its end, once the process has exited."""
+        deadline = time.monotonic() + timeout
+        for pump in self.pumps:
+            pump.join(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        """Stop copying, close our ends and remove the FIFOs."""
+        import shutil
+        for pump in [*self.pumps, *([self.stdin_pump] if self.stdin_pump else [])]:
+            pump.stop()
+            pump.join(1.0)
+        self.pumps, self.stdin_pump = [], None
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = {}
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Pump:
+    """One copy, src -> dst, on a thread of its own until EOF or `stop` (a stop pipe wakes its poll)."""
+
+    CHUNK = 64 << 10
+
+    def __init__(self, name: str, src: int, dst: int | None, close_dst: bool = False,
+                 on_eof: Callable[[], None] | None = None):
+        self.name, self.src, self.dst, self.close_dst, self.on_eof = name, src, dst, close_dst, on_eof
+        self.stop_r, self.stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"stdio-{name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.stop_w, b"x")
+
+    def join(self, timeout: float | None) -> bool:
+        if self.thread.ident is not None:
+            self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def _run(self) -> None:
+        import select
+        poller = select.poll()
+        poller.register(self.src, select.POLLIN)
+        poller.register(self.stop_r, select.POLLIN)
+        dst = self.dst
+        try:
+            while True:
+                events = dict(poller.poll())
+                if self.stop_r in events:
+                    return
+                try:
+                    data = os.read(self.src, self.CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    if e.errno == 5:              # EIO: a terminal whose other side has gone
+                        data = b""
+                    else:
+                        raise
+                if not data:
+                    break
+                if dst is not None and not self._write_all(dst, data):
+                    dst = None                    # nobody reads any more: drain, drop
+            if self.close_dst and self.dst is not None:
+                os.close(self.dst)
+                self.dst = None
+            if self.on_eof is not None:
+                self.on_eof()
+        except BaseException as e:
+            self.error = e
+        finally:
+            if self.close_dst and self.dst is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self.dst)
+
+    def _write_all(self, fd: int, data: bytes) -> bool:
+        import select
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                select.select([self.stop_r], [fd], [])
+                if select.select([self.stop_r], [], [], 0)[0]:
+                    return False
+                continue
+            except OSError:
+                return False
+            view = view[n:]
+        return True

@@ -20,6 +20,7 @@ ACTOR_PROBES = {
     "content": ("content", "list", {}),
     "snapshot": ("snapshot", "list", {}),
     "transfer": ("transfer", "active_transfers", {}),
+    "runtime": ("runtime", "list", {}),
 }
 
 

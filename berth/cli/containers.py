@@ -1,6 +1,7 @@
-"""`berth containers create|ls|info|rm|label`: container records (tasks run from them later)."""
+"""`berth containers create|ls|info|rm|label`: containers (their tasks are `berth tasks`)."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from berth.cli.output import add_format, as_json, labels_text, parse_labels, table
@@ -12,12 +13,14 @@ def register(sub) -> None:
     p = sub.add_parser("containers", aliases=["container", "c"], help="manage containers")
     cmds = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    c = cmds.add_parser("create", help="create a container record from an image")
-    c.add_argument("--runtime", default=DEFAULT_RUNTIME, help="runtime name (default %(default)s)")
-    c.add_argument("--snapshotter", default="", help="snapshotter for its root filesystem")
-    c.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="label it (repeat)")
+    c = cmds.add_parser("create", help="create a container from an image: its snapshot, spec and record")
+    from berth.cli.run import add_container_options
+    add_container_options(c)
+    c.set_defaults(runtime=DEFAULT_RUNTIME)
+    c.add_argument("-t", "--tty", action="store_true", help="give the container a terminal")
     c.add_argument("image", metavar="IMAGE")
     c.add_argument("id", metavar="ID")
+    c.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the command (default: the image's)")
     c.set_defaults(func=create)
 
     ls = cmds.add_parser("ls", aliases=["list"], help="list containers")
@@ -41,9 +44,20 @@ def register(sub) -> None:
 
 
 def create(client, args) -> int:
-    client.images.get(args.image)                # as ctr: the image must be known
-    client.containers.create(args.id, runtime=args.runtime, image=args.image, snapshotter=args.snapshotter,
-                             labels=parse_labels(args.label))
+    """As ctr: the image must be known. Where its manifest and config are in the content store, the
+    container gets a snapshot and a spec (it can be started); otherwise only its record is made."""
+    from berth.cli.run import spec_options
+    from berth.client import image_config
+    from bus.errors import NotFound
+    image = client.images.get(args.image)
+    labels = parse_labels(args.label)
+    try:
+        image_config(client, image)
+    except NotFound:
+        client.containers.create(args.id, runtime=args.runtime, image=args.image, labels=labels)
+        return 0
+    client.containers.new(args.id, image, spec_opts=spec_options(args, args.tty), snapshotter=args.snapshotter,
+                          runtime=args.runtime, labels=labels, args=args.args or None)
     return 0
 
 
@@ -70,7 +84,7 @@ def remove(client, args) -> int:
     failed = 0
     for cid in args.ids:
         try:
-            client.containers.delete(cid)
+            client.containers.load(cid).delete(snapshot=True)    # its snapshot goes with it, as ctr's
         except BerthError as e:
             print(f"berth: unable to delete container {cid}: {e}", file=sys.stderr)
             failed = 1

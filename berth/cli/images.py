@@ -1,11 +1,20 @@
-"""`berth images ls|rm|tag|check|pull|push|import|export`: image records, with sizes and platforms
-read from their content; transfers to and from registries (the transfer actor) and archives
-(berth.archive, on this side of the bus, as containerd's client does them).
+"""`berth images ls|rm|tag|check|pull|push|import|export|mount|unmount`: image records, with sizes
+and platforms read from their content; transfers to and from registries (the transfer actor) and
+archives (berth.archive, on this side of the bus, as containerd's client does them); an image's
+root filesystem mounted on a directory.
 
-(mount and unmount come with the snapshot service.)
+`images mount REF DIR`, as ctr's: a lease named after DIR (`mount-<sha256 of DIR>`, no expiry)
+holds a view (with --rw, an active snapshot) keyed by DIR's absolute path, whose parent is the
+image's top chainID; it is mounted on DIR and DIR is printed. The image must have been unpacked
+into that snapshotter (ctr unpacks it there and then; berth has no unpack apart from a pull, so it
+says so). `images unmount [--rm] DIR` unmounts everything at DIR; --rm also removes the snapshot
+and the lease.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import sys
 
 from berth.cli.output import add_format, as_json, labels_text, table
@@ -15,6 +24,8 @@ INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
 MANIFEST_TYPES = {"application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json"}
 MAX_JSON_BLOB = 4 << 20       # manifests, indexes and configs larger than this are not read
+DEFAULT_SNAPSHOTTER = "overlayfs"
+GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 
 
 def register(sub) -> None:
@@ -42,13 +53,14 @@ def register(sub) -> None:
     chk = cmds.add_parser("check", help="check that images' content is all here, as ctr does")
     chk.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                      help="check an index's manifest for this platform (default: this host's)")
+    add_snapshotter_flag(chk, "the snapshotter UNPACKED is about")
     add_format(chk)
     chk.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. 'name~=busybox'; any one may match")
     chk.set_defaults(func=check)
 
-    from berth.cli.pull import add_pull_arguments, add_registry_arguments, add_snapshotter_argument
+    from berth.cli.pull import add_pull_arguments, add_registry_arguments, add_unpack_arguments
     pl = cmds.add_parser("pull", help="fetch an image from a registry and create or update its record")
-    add_snapshotter_argument(pl)
+    add_unpack_arguments(pl)
     add_pull_arguments(pl)
     pl.set_defaults(func=_pull)
 
@@ -80,6 +92,27 @@ def register(sub) -> None:
     exp.add_argument("file", metavar="FILE", help="the archive to write; - writes stdout")
     exp.add_argument("names", nargs="+", metavar="REF")
     exp.set_defaults(func=export)
+
+    mnt = cmds.add_parser("mount", help="mount an image's root filesystem on a directory; print it")
+    add_snapshotter_flag(mnt, "the snapshotter the image was unpacked into")
+    mnt.add_argument("--rw", action="store_true", help="a writable (active) snapshot, not a read-only view")
+    mnt.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                     help="the platform's image of an index (default: this host's)")
+    mnt.add_argument("ref", metavar="REF")
+    mnt.add_argument("target", metavar="DIR", help="an existing directory")
+    mnt.set_defaults(func=mount)
+
+    umnt = cmds.add_parser("unmount", aliases=["umount"], help="unmount an image mounted on DIR; print DIR")
+    add_snapshotter_flag(umnt, "where to look for the snapshot, for a mount whose lease is gone")
+    umnt.add_argument("--rm", action="store_true", help="also remove the snapshot and its lease")
+    umnt.add_argument("target", metavar="DIR")
+    umnt.set_defaults(func=unmount)
+
+
+def add_snapshotter_flag(parser, help: str) -> None:
+    parser.add_argument("--snapshotter", metavar="NAME",
+                        default=os.environ.get("BERTH_SNAPSHOTTER") or DEFAULT_SNAPSHOTTER,
+                        help=f"{help} (env BERTH_SNAPSHOTTER; default %(default)s)")
 
 
 def list_(client, args) -> int:
@@ -181,11 +214,18 @@ def check(client, args) -> int:
     matcher = PlatformMatcher(args.platform)
     rows, failed = [], 0
     cache: dict = {}
-    for image in client.images.list(args.filters):
+    images = client.images.list(args.filters)
+    if images:
+        from berth.cli.pull import check_snapshotter
+        check_snapshotter(client, args.snapshotter)
+    for image in images:
         result = check_image(client, image["target"], matcher, cache)
         failed |= result["status"] == "error"
+        unpacked = result["available"] and is_unpacked(
+            client, _platform_manifest(client, image["target"], matcher, cache, top=True, depth=0),
+            args.snapshotter)
         rows.append({"name": image["name"], "mediaType": image["target"]["mediaType"],
-                     "digest": image["target"]["digest"], **result, "unpacked": False})
+                     "digest": image["target"]["digest"], **result, "unpacked": unpacked})
     if args.format == "json":
         as_json(rows)
         return failed
@@ -199,7 +239,8 @@ def check(client, args) -> int:
             else:
                 status += f" ({row['present']}/?)"
                 size = f"{human_size(row['present_size'])}/?"
-        table_rows.append([row["name"], row["mediaType"], row["digest"], status, size, "false"])
+        table_rows.append([row["name"], row["mediaType"], row["digest"], status, size,
+                           "true" if row["unpacked"] else "false"])
     table(["REF", "TYPE", "DIGEST", "STATUS", "SIZE", "UNPACKED"], table_rows)
     return failed
 
@@ -225,6 +266,25 @@ def check_image(client, target: dict, matcher, cache: dict) -> dict:
     return {"status": "complete" if len(present) == len(required) else "incomplete", "available": True,
             "present": len(present), "required": len(required),
             "present_size": sum(d["size"] for d in present), "required_size": sum(d["size"] for d in required)}
+
+
+def unpacked_chain(client, manifest, snapshotter: str) -> str | None:
+    """The top chainID the image's config names for `snapshotter`
+    (`containerd.io/gc.ref.snapshot.<snapshotter>`, set when a pull has unpacked it), if that is
+    a committed snapshot in this namespace; else None."""
+    from bus.errors import NotFound
+    try:
+        labels = client.content.info(manifest.config["digest"])["labels"]
+        chain = labels.get(GC_REF_SNAPSHOT + snapshotter)
+        if not chain or client.snapshots.stat(chain, snapshotter=snapshotter)["kind"] != "committed":
+            return None
+    except NotFound:
+        return None
+    return chain
+
+
+def is_unpacked(client, manifest, snapshotter: str) -> bool:
+    return unpacked_chain(client, manifest, snapshotter) is not None
 
 
 def _platform_manifest(client, desc: dict, matcher, cache: dict, top: bool, depth: int):
@@ -346,3 +406,118 @@ def _json_blob(client, desc: dict, cache: dict) -> dict | None:
                 doc = None
             cache[digest] = doc if isinstance(doc, dict) else None
     return cache[digest]
+
+
+# --- mounting an image ----------------------------------------------------------------------
+
+def mount_lease_id(target: str) -> str:
+    """The lease holding what `images mount` made for `target` (an absolute path): ctr names it
+    after the path itself, which a berth identifier cannot hold."""
+    import hashlib
+    return "mount-" + hashlib.sha256(target.encode()).hexdigest()
+
+
+def image_chain(client, ref: str, platform: str | None) -> str:
+    """The top chainID of image `ref` on `platform`, from its config's rootfs.diff_ids."""
+    from actors.transfer import PlatformMatcher, chain_ids
+    from bus.errors import FailedPrecondition, NotFound
+    cache: dict = {}
+    image = client.images.get(ref)
+    manifest = _platform_manifest(client, image["target"], PlatformMatcher(platform), cache, top=True, depth=0)
+    config = _json_blob(client, manifest.config, cache)
+    if config is None:
+        raise NotFound(f"image {ref}: its config {manifest.config['digest']} is not here")
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config.get("rootfs"), dict) else None
+    if not isinstance(diff_ids, list) or not diff_ids or not all(isinstance(d, str) for d in diff_ids):
+        raise FailedPrecondition(f"image {ref}: its config lists no layers (rootfs.diff_ids)")
+    return chain_ids(diff_ids)[-1]
+
+
+def mount(client, args) -> int:
+    from berth.cli.snapshots import mount_commands
+    from bus.errors import AlreadyExists, BerthError, FailedPrecondition, NotFound
+    target = os.path.realpath(args.target)
+    if not os.path.isdir(target):
+        print(f"berth: mount target {args.target}: not a directory", file=sys.stderr)
+        return 1
+    snapshots = client.snapshots
+    chain = image_chain(client, args.ref, args.platform)
+    try:
+        unpacked = snapshots.stat(chain, snapshotter=args.snapshotter)["kind"] == "committed"
+    except NotFound:
+        unpacked = False
+    if not unpacked:
+        raise FailedPrecondition(f"image {args.ref} not unpacked into {args.snapshotter}; "
+                                 "pull it again with unpack")
+    lease_id = mount_lease_id(target)
+    made_lease = made_snapshot = False
+    try:
+        client.leases.create(lease_id, {GC_REF_SNAPSHOT + args.snapshotter: target})
+        made_lease = True
+    except AlreadyExists:                         # mounted before and not removed: reuse it
+        pass
+    previous, client.active_lease = client.active_lease, lease_id
+    mounted = 0
+    try:
+        try:
+            make = snapshots.prepare if args.rw else snapshots.view
+            mounts = make(target, chain, snapshotter=args.snapshotter)
+            made_snapshot = True
+        except AlreadyExists:
+            mounts = snapshots.mounts(target, snapshotter=args.snapshotter)
+        for cmd in mount_commands(target, mounts):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                why = (done.stderr.strip().splitlines() or [f"mount exited {done.returncode}"])[-1]
+                raise FailedPrecondition(f"mounting {args.ref} on {args.target} failed: {why}")
+            mounted += 1
+    except BaseException:
+        for _ in range(mounted):                  # only what this command mounted
+            subprocess.run(["umount", target], capture_output=True)
+        with contextlib.suppress(BerthError):
+            if made_snapshot:
+                snapshots.remove(target, snapshotter=args.snapshotter)
+            if made_lease:
+                client.leases.delete(lease_id)
+        raise
+    finally:
+        client.active_lease = previous
+    print(args.target)
+    return 0
+
+
+def unmount(client, args) -> int:
+    from bus.errors import NotFound
+    target = os.path.realpath(args.target)
+    why = _unmount_all(target)
+    if why:
+        print(f"berth: unmounting {args.target}: {why}", file=sys.stderr)
+        return 1
+    if args.rm:
+        lease_id = mount_lease_id(target)
+        try:
+            held = [r["type"].removeprefix("snapshots/") for r in client.leases.resources(lease_id)
+                    if r["type"].startswith("snapshots/") and r["id"] == target]
+        except NotFound:
+            held = []
+        for snapshotter in held or [args.snapshotter]:
+            with contextlib.suppress(NotFound):
+                client.snapshots.remove(target, snapshotter=snapshotter)
+        with contextlib.suppress(NotFound):
+            client.leases.delete(lease_id)
+    print(args.target)
+    return 0
+
+
+def _unmount_all(target: str) -> str | None:
+    """Unmount everything at or below `target`, deepest first and each stacked mount in turn
+    (containerd's mount.UnmountAll); None, or why not."""
+    from actors.snapshot import mounts_under
+    for _ in range(100):
+        points = mounts_under(target)
+        if not points:
+            return None
+        done = subprocess.run(["umount", points[0]], capture_output=True, text=True)
+        if done.returncode != 0:
+            return (done.stderr.strip().splitlines() or [f"umount exited {done.returncode}"])[-1]
+    return "still mounted after 100 unmounts"

@@ -7,11 +7,13 @@ import os
 import sys
 
 # Command groups, each a module in berth.cli with register(subparsers).
-GROUPS = ["version", "namespaces", "content", "snapshots", "images", "pull", "containers", "leases", "gc",
-          "events", "debug"]
+GROUPS = ["version", "namespaces", "content", "snapshots", "images", "pull", "containers", "tasks", "run",
+          "leases", "gc", "events", "debug"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command line, only the group it names (when it names one by
+    its module's name), since each group's import and parser cost every command's start-up."""
     p = argparse.ArgumentParser(prog="berth", description="berth: a container runtime. Talks to berthd.")
     p.add_argument("-a", "--address", default=os.environ.get("BERTH_ADDRESS", "/run/berth/berth.sock"),
                    help="berthd's socket (env BERTH_ADDRESS; default %(default)s)")
@@ -19,13 +21,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="namespace to work in (env BERTH_NAMESPACE; default %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for berthd (default 30)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for group in GROUPS:
+    command = _command_word(argv or [])
+    for group in [command] if command in GROUPS else GROUPS:
         importlib.import_module(f"berth.cli.{group}").register(sub)
     return p
 
 
+def _command_word(argv: list[str]) -> str | None:
+    """The first word of `argv` that is not a global option or its value."""
+    words = iter(argv)
+    for word in words:
+        if word in ("-a", "--address", "-n", "--namespace", "--timeout"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -8,17 +8,20 @@ changes (not one per chunk), as a log or a pipe wants them:
     127.0.0.1:5000/busybox:latest: resolving 0/0
     layer-sha256:9fa9e94b…: downloading 0/1088412
     layer-sha256:9fa9e94b…: done 1088412/1088412
+    unpack-sha256:9fa9e94b…: unpacking 0/1088412
+    unpack-sha256:9fa9e94b…: unpacked 1088412/1088412      ("unpacked (reused)": already a snapshot)
     image: 127.0.0.1:5000/busybox:latest digest: sha256:…
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 
 def register(sub) -> None:
     p = sub.add_parser("pull", help="pull an image from a registry (alias of `images pull`)")
-    add_snapshotter_argument(p)
+    add_unpack_arguments(p)
     add_pull_arguments(p)
     p.set_defaults(func=pull)
 
@@ -37,19 +40,39 @@ def add_pull_arguments(parser) -> None:
 
 
 def add_snapshotter_argument(parser) -> None:
-    parser.add_argument("--snapshotter", metavar="NAME", help="unpack into this snapshotter (default: berthd's)")
+    parser.add_argument("--snapshotter", metavar="NAME", default=os.environ.get("BERTH_SNAPSHOTTER") or None,
+                        help="unpack into this snapshotter (env BERTH_SNAPSHOTTER; default: berthd's)")
+
+
+def add_unpack_arguments(parser) -> None:
+    """--snapshotter and --no-unpack, for `pull` and `images pull`."""
+    add_snapshotter_argument(parser)
+    parser.add_argument("--no-unpack", action="store_true",
+                        help="fetch the content only; do not unpack the layers into snapshots")
 
 
 def pull(client, args, unpack: bool | None = None) -> int:
     """Fetch REF's content and create or update its image record, then print its name and digest.
     `unpack=False` fetches only (`content fetch`); otherwise berthd unpacks as it does by default."""
+    if getattr(args, "no_unpack", False):
+        unpack = False
+    snapshotter = getattr(args, "snapshotter", None) if unpack is not False else None
+    if snapshotter:
+        check_snapshotter(client, snapshotter)
     credentials = registry_credentials(args)
     with progress_display() as show:
         image = client.pull(args.ref, platform=args.platform, plain_http=args.plain_http,
-                            credentials=credentials, progress=show, unpack=unpack,
-                            snapshotter=getattr(args, "snapshotter", None))
+                            credentials=credentials, progress=show, unpack=unpack, snapshotter=snapshotter)
     print(f"image: {image['name']} digest: {image['target']['digest']}", flush=True)
     return 0
+
+
+def check_snapshotter(client, name: str) -> None:
+    """NotFound, before anything is fetched, for a snapshotter berthd does not offer."""
+    offered = sorted(s["name"] for s in client.snapshots.available())
+    if name not in offered:
+        from bus.errors import NotFound
+        raise NotFound(f"snapshotter {name!r} is not available (offered: {', '.join(offered)})")
 
 
 def registry_credentials(args) -> str | None:

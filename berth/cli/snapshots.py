@@ -1,4 +1,4 @@
-"""`berth snapshots ls|tree|mounts|prepare|view|commit|rm|usage|info|label`, as ctr has them.
+"""`berth snapshots ls|tree|mounts|prepare|view|commit|rm|usage|diff|info|label`, as ctr has them.
 
 `--snapshotter` (env BERTH_SNAPSHOTTER, default overlayfs) goes before or after the action.
 Snapshots made here (prepare, view, commit) carry a `containerd.io/gc.root` label, as ctr's do,
@@ -61,6 +61,13 @@ def register(sub) -> None:
     u = action("usage", "disk usage of snapshots (all, or the KEYs given)", usage)
     u.add_argument("-b", action="store_true", help="sizes in bytes")
     u.add_argument("keys", nargs="*", metavar="KEY")
+
+    d = action("diff", "store what a snapshot changes over its parent as a layer; print its digest", diff)
+    d.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label for the layer blob (repeatable)")
+    d.add_argument("--keep", action="store_true",
+                   help="keep the layer: label it containerd.io/gc.root (otherwise GC may take it)")
+    d.add_argument("key", help="an active or committed snapshot")
 
     i = action("info", "a snapshot's info as JSON", info)
     i.add_argument("key")
@@ -162,6 +169,22 @@ def usage(client, args) -> int:
         u = client.snapshots.usage(key, snapshotter=args.snapshotter)
         rows.append([key, str(u["size"]) if args.b else human_size(u["size"]), u["inodes"]])
     table(["KEY", "SIZE", "INODES"], rows)
+    return 0
+
+
+def diff(client, args) -> int:
+    """ctr's `snapshots diff KEY`, but printing the layer's digest where ctr writes the layer
+    itself to stdout (`content get DIGEST` gives the bytes). The diff is made under a lease of its
+    own, deleted at the end, as ctr does; without --keep or a gc.root label the layer lasts only
+    until the next GC."""
+    labels = {k: v for k, v in parse_labels(args.label).items() if v}
+    if args.keep:
+        labels[GC_ROOT] = _now()
+    with client.lease(expire=3600):
+        desc = client.snapshots.diff(args.key, labels, snapshotter=args.snapshotter)
+        if labels:                # the same layer stored before keeps its old labels otherwise
+            client.content.set_labels(desc["digest"], labels)
+    print(desc["digest"])
     return 0
 
 
