@@ -37,7 +37,7 @@ from bus import filters as filter_syntax
 from bus.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                         ResourceExhausted, Unavailable)
 from bus.pubsub import Publisher
-from bus.validate import Digest, Labels, check_digest, check_labels
+from bus.validate import Digest, Labels, check_digest, check_labels, check_name
 from bus.worker import Actor, Bulk, Call, method
 
 log = logging.getLogger("berth.content")
@@ -64,14 +64,7 @@ CREATE INDEX IF NOT EXISTS blobs_by_digest ON blobs (digest);
 
 
 def check_ref(value: str, what: str = "ref") -> str:
-    """Refs are client-chosen names; they never become paths, so only their size is limited."""
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"{what} must be a non-empty string")
-    if len(value) > MAX_REF:
-        raise InvalidArgument(f"{what} {value[:64]!r}… is longer than {MAX_REF} characters")
-    if "\0" in value:
-        raise InvalidArgument(f"{what} {value[:64]!r} contains a NUL character")
-    return value
+    return check_name(value, what, MAX_REF)
 
 
 Ref = Annotated[str, check_ref]

@@ -61,7 +61,7 @@ from actors.differ import apply_layer, write_changes
 from bus import filters as filter_syntax
 from bus.errors import (AlreadyExists, BerthError, FailedPrecondition, Internal, InvalidArgument, NotFound,
                         ResourceExhausted)
-from bus.validate import Digest, Labels, check_digest, check_labels
+from bus.validate import Digest, Labels, check_digest, check_labels, check_name
 from bus.worker import Actor, Call, method
 
 log = logging.getLogger("berth.snapshot")
@@ -102,13 +102,7 @@ CREATE INDEX IF NOT EXISTS keys_by_key ON keys (key);
 
 def check_key(value: str, what: str = "key") -> str:
     """Keys are client-chosen names (often `sha256:…` chain IDs); they never become paths."""
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"snapshot {what} must be a non-empty string")
-    if len(value) > MAX_KEY:
-        raise InvalidArgument(f"snapshot {what} {value[:64]!r}… is longer than {MAX_KEY} characters")
-    if "\0" in value:
-        raise InvalidArgument(f"snapshot {what} {value[:64]!r} contains a NUL character")
-    return value
+    return check_name(value, f"snapshot {what}", MAX_KEY)
 
 
 Key = Annotated[str, check_key]

@@ -29,6 +29,18 @@ def check_identifier(value: str, what: str = "identifier") -> str:
     return value
 
 
+def check_name(value: str, what: str, limit: int) -> str:
+    """A client-chosen name that never becomes a path (an ingest ref, a snapshot key): only its
+    type, size and the absence of NUL are checked."""
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what} must be a non-empty string")
+    if len(value) > limit:
+        raise InvalidArgument(f"{what} {value[:64]!r}… is longer than {limit} characters")
+    if "\0" in value:
+        raise InvalidArgument(f"{what} {value[:64]!r} contains a NUL character")
+    return value
+
+
 def check_digest(value: str, what: str = "digest") -> str:
     if not isinstance(value, str) or not DIGEST_RE.match(value):
         raise InvalidArgument(f"{what} {str(value)[:100]!r} is not sha256: followed by 64 lower-case hex digits")
