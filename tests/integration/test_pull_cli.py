@@ -126,7 +126,7 @@ def test_pull_prints_one_line_per_status_then_the_image_and_images_ls_shows_it(d
     assert (check["status"], check["present"], check["required"]) == ("complete", 2, 2)
     table = parse_table(daemon.cli("images", "check").stdout)
     assert list(table[0]) == ["REF", "TYPE", "DIGEST", "STATUS", "SIZE", "UNPACKED"]
-    assert (table[0]["STATUS"], table[0]["UNPACKED"]) == ("complete (2/2)", "false")
+    assert (table[0]["STATUS"], table[0]["UNPACKED"]) == ("complete (2/2)", "true")    # pull unpacks
 
 
 def test_pull_by_digest_and_content_fetch(daemon, registry, busybox_image):
