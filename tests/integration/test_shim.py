@@ -266,7 +266,10 @@ def test_spawn_detaches_the_shim_from_whoever_spawned_it(harness, daemon):
     assert session not in (os.getsid(0), harness.zygote.pid, shim.pid)  # a session of its own, not a leader
     assert pgrp == session
     status = proc_status(shim.pid)
-    assert int(status["SigIgn"], 16) == 1 << (signal.SIGPIPE - 1)  # dispositions reset (Python keeps SIGPIPE)
+    # Dispositions reset (Python keeps SIGPIPE ignored). glibc's own signals 32 and 33 cannot be
+    # set from Python, so whatever the test runner inherited for them is left out of the check.
+    settable = sum(1 << (int(sig) - 1) for sig in signal.valid_signals())
+    assert int(status["SigIgn"], 16) & settable == 1 << (signal.SIGPIPE - 1)
     assert int(status["SigBlk"], 16) == 0
     fds = open_files(shim.pid)
     assert not any(link.endswith("berthd.lock") for link in fds), fds
