@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from berth.cli.output import add_format, as_json, labels_text, parse_labels, table
+from berth.cli.output import add_format, as_json, labels_text, parse_labels, remove_each, table
 
 DEFAULT_RUNTIME = "io.containerd.runc.v2"
 
@@ -80,15 +79,9 @@ def info_(client, args) -> int:
 
 
 def remove(client, args) -> int:
-    from bus.errors import BerthError
-    failed = 0
-    for cid in args.ids:
-        try:
-            client.containers.load(cid).delete(snapshot=True)    # its snapshot goes with it, as ctr's
-        except BerthError as e:
-            print(f"berth: unable to delete container {cid}: {e}", file=sys.stderr)
-            failed = 1
-    return failed
+    # The container's snapshot goes with it, as with ctr.
+    return remove_each(args.ids, lambda cid: client.containers.load(cid).delete(snapshot=True), "container",
+                       echo=False)[0]
 
 
 def label(client, args) -> int:

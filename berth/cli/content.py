@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from berth.cli.output import add_format, as_json, labels_text, parse_labels, table
+from berth.cli.output import add_format, as_json, labels_text, parse_labels, remove_each, table
 
 
 def register(sub) -> None:
@@ -103,20 +103,7 @@ def active(client, args) -> int:
 
 
 def remove(client, args) -> int:
-    from bus.errors import BerthError, NotFound
-    failed = 0
-    for digest in args.digests:
-        try:
-            client.content.delete(digest)
-        except NotFound:
-            print(f"berth: {digest}: not found", file=sys.stderr)
-            continue
-        except BerthError as e:
-            print(f"berth: unable to delete {digest}: {e}", file=sys.stderr)
-            failed = 1
-            continue
-        print(digest)
-    return failed
+    return remove_each(args.digests, client.content.delete, "content", missing_ok=True)[0]
 
 
 def label(client, args) -> int:

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-from berth.cli.output import add_format, as_json, labels_text, table
+from berth.cli.output import add_format, as_json, labels_text, remove_each, table
 
 INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json"}
@@ -138,20 +138,7 @@ def list_(client, args) -> int:
 
 
 def remove(client, args) -> int:
-    from bus.errors import BerthError, NotFound
-    failed, deleted = 0, 0
-    for name in args.names:
-        try:
-            client.images.delete(name)
-        except NotFound:
-            print(f"berth: {name}: image not found", file=sys.stderr)
-            continue
-        except BerthError as e:
-            print(f"berth: unable to delete {name}: {e}", file=sys.stderr)
-            failed = 1
-            continue
-        deleted += 1
-        print(name)
+    failed, deleted = remove_each(args.names, client.images.delete, "image", missing_ok=True)
     if args.sync and deleted:
         client.gc()                  # one collection for them all, done before we return
     return failed

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import re
-import sys
 
-from berth.cli.output import add_format, as_json, labels_text, parse_labels, table
+from berth.cli.output import add_format, as_json, labels_text, parse_labels, remove_each, table
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -72,17 +71,7 @@ def create(client, args) -> int:
 
 
 def remove(client, args) -> int:
-    from bus.errors import BerthError
-    failed, deleted = 0, 0
-    for lease_id in args.ids:
-        try:
-            client.leases.delete(lease_id)
-        except BerthError as e:
-            print(f"berth: unable to delete lease {lease_id}: {e}", file=sys.stderr)
-            failed = 1
-            continue
-        deleted += 1
-        print(lease_id)
+    failed, deleted = remove_each(args.ids, client.leases.delete, "lease")
     if args.sync and deleted:
         client.gc()                  # one collection for them all, done before we return
     return failed

@@ -1,7 +1,7 @@
 """`berth namespaces create|ls|rm|label`."""
 from __future__ import annotations
 
-from berth.cli.output import add_format, as_json, labels_text, parse_labels, table
+from berth.cli.output import add_format, as_json, labels_text, parse_labels, remove_each, table
 
 
 def register(sub) -> None:
@@ -42,16 +42,7 @@ def list_(client, args) -> int:
 
 
 def remove(client, args) -> int:
-    from bus.errors import BerthError
-    failed = 0
-    for name in args.names:
-        try:
-            client.namespaces.delete(name)
-            print(name)
-        except BerthError as e:
-            print(f"berth: unable to delete {name}: {e}", file=__import__("sys").stderr)
-            failed = 1
-    return failed
+    return remove_each(args.names, client.namespaces.delete, "namespace")[0]
 
 
 def label(client, args) -> int:

@@ -34,3 +34,27 @@ def parse_labels(pairs: list[str]) -> dict:
 
 def add_format(parser) -> None:
     parser.add_argument("--format", choices=["table", "json"], default="table", help="output format")
+
+
+def remove_each(names: list[str], delete, what: str, *, missing_ok: bool = False, echo: bool = True) -> tuple[int, int]:
+    """ctr's `rm` commands: delete each name in turn, printing it; a failure is one `berth:` line
+    and exit status 1, and the rest go on. With missing_ok, a name that is not there only warns.
+    Returns (exit status, how many were deleted)."""
+    from bus.errors import BerthError, NotFound
+    failed = deleted = 0
+    for name in names:
+        try:
+            delete(name)
+        except NotFound as e:
+            print(f"berth: {what} {name}: not found" if missing_ok else f"berth: unable to delete {what} {name}: {e}",
+                  file=sys.stderr)
+            failed = failed or int(not missing_ok)
+            continue
+        except BerthError as e:
+            print(f"berth: unable to delete {what} {name}: {e}", file=sys.stderr)
+            failed = 1
+            continue
+        deleted += 1
+        if echo:
+            print(name)
+    return failed, deleted

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from berth.cli.content import human_size
-from berth.cli.output import add_format, as_json, parse_labels, table
+from berth.cli.output import add_format, as_json, parse_labels, remove_each, table
 
 DEFAULT_SNAPSHOTTER = "overlayfs"
 GC_ROOT = "containerd.io/gc.root"
@@ -149,17 +149,8 @@ def commit(client, args) -> int:
 
 
 def remove(client, args) -> int:
-    from bus.errors import BerthError
-    failed = 0
-    for key in args.keys:
-        try:
-            client.snapshots.remove(key, snapshotter=args.snapshotter)
-        except BerthError as e:
-            print(f"berth: {e}", file=sys.stderr)
-            failed = 1
-            continue
-        print(key)
-    return failed
+    return remove_each(args.keys, lambda key: client.snapshots.remove(key, snapshotter=args.snapshotter),
+                       "snapshot")[0]
 
 
 def usage(client, args) -> int:
