@@ -33,6 +33,7 @@ import time
 import uuid
 from typing import Annotated, Callable
 
+from actors.durable import fsync_dir
 from bus import filters as filter_syntax
 from bus.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                         ResourceExhausted, Unavailable)
@@ -259,7 +260,7 @@ class ContentStore:
                 if not exists:
                     if not os.path.exists(target):     # else another namespace committed it: share it
                         os.rename(os.path.join(w.path, "data"), target)
-                        _fsync_dir(self.blobs)
+                        fsync_dir(self.blobs)
                     self.db.execute("INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
                                     (ns, digest, size, now, now, json.dumps(labels, sort_keys=True)))
             self._remove_ingest(w)
@@ -564,13 +565,6 @@ def _write_text(path: str, name: str, text: str) -> None:
     with open(os.path.join(path, name), "w", encoding="utf-8") as f:
         f.write(text)
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ContentActor(Actor):

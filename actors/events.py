@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 
+from actors.durable import fsync_dir
 from bus import codec
 from bus.errors import BerthError, InvalidArgument
 from bus.validate import Topic, check_identifier
@@ -107,7 +108,7 @@ class EventLog:
                 self.current.close()
             self.segments.append(seq)
             self.current = open(self._path(seq), "ab")
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         while len(self.segments) > 1 and seq - self.segments[1] >= self.size:
             dropped = self.segments.pop(0)
             for envelope, _ in _records(self._path(dropped)):
@@ -201,13 +202,6 @@ def _records(path: str):
         pos += 4 + n
         yield envelope, pos
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class EventsActor(Actor):

@@ -58,6 +58,7 @@ import uuid
 from typing import Annotated, Callable
 
 from actors.differ import apply_layer, write_changes
+from actors.durable import fsync_dir
 from bus import filters as filter_syntax
 from bus.errors import (AlreadyExists, BerthError, FailedPrecondition, Internal, InvalidArgument, NotFound,
                         ResourceExhausted)
@@ -189,7 +190,7 @@ class Snapshotter:
                            (ns, key, id, parent, _dump(labels), now, now))
                 renamed = self._path(id)
                 os.rename(path, renamed)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
         except BaseException:
             # Not committed: nothing refers to the directory, wherever it got to.
             shutil.rmtree(renamed if renamed and os.path.exists(renamed) else path, ignore_errors=True)
@@ -703,13 +704,6 @@ def _remove_tree(path: str) -> None:
             _unmount(point, MNT_DETACH)
     shutil.rmtree(path, ignore_errors=True)
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def probe_overlay(root: str) -> str | None:

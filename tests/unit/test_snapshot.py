@@ -334,7 +334,7 @@ def test_a_failed_create_leaves_no_row_and_no_directory(snap, monkeypatch):
 
     def fail(path):
         raise OSError(errno.EIO, "disk on fire")
-    monkeypatch.setattr(snapshot, "_fsync_dir", fail)     # after the rename, before the commit
+    monkeypatch.setattr(snapshot, "fsync_dir", fail)     # after the rename, before the commit
     with pytest.raises(OSError):
         snap.prepare(NS, "b", "A")
     monkeypatch.undo()
