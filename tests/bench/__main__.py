@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-SECTIONS = ["bus", "pull"]
+SECTIONS = ["bus", "pull", "tasks"]
 
 
 def main() -> int:
