@@ -763,12 +763,21 @@ def failure(e: BaseException) -> dict:
     return {"code": "Internal", "message": f"{type(e).__name__}: {e}"}
 
 
-def _report(fd: int, message: dict) -> None:
+def tell(fd: int, message: dict) -> None:
+    """One JSON line on the ready pipe the zygote waits on; a reader that went away is no error."""
     if fd < 0:
         return
     try:
         os.write(fd, json.dumps(message).encode() + b"\n")
     except OSError:
         pass
+
+
+def _report(fd: int, message: dict) -> None:
+    """The shim's last word on the ready pipe, which it then closes."""
+    if fd < 0:
+        return
+    try:
+        tell(fd, message)
     finally:
         os.close(fd)

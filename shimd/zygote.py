@@ -34,6 +34,7 @@ from actors.template import die_with_parent
 from bus import codec
 from bus.errors import DeadlineExceeded, InvalidArgument, Unavailable, from_wire
 from bus.validate import check_identifier
+from shimd.main import failure, tell
 
 log = logging.getLogger("berth.zygote")
 
@@ -179,7 +180,7 @@ def _serve(sock: socket.socket, defaults: dict, parent: int) -> int:
         try:
             child = os.fork()
         except OSError as e:
-            _tell(ready, {"error": {"code": "ResourceExhausted", "message": f"fork failed: {e.strerror}"}})
+            tell(ready, {"error": {"code": "ResourceExhausted", "message": f"fork failed: {e.strerror}"}})
             os.close(ready)
             continue
         if child == 0:
@@ -196,7 +197,7 @@ def _intermediate(request: dict, defaults: dict, ready: int, sock: socket.socket
         if os.fork() == 0:
             _become_shim(request, defaults, ready)
     except BaseException as e:
-        _tell(ready, {"error": {"code": "Internal", "message": f"{type(e).__name__}: {e}"}})
+        tell(ready, {"error": {"code": "Internal", "message": f"{type(e).__name__}: {e}"}})
     os._exit(0)
 
 
@@ -220,8 +221,7 @@ def _become_shim(request: dict, defaults: dict, ready: int) -> None:
         code = serve(spec, handed)
     except BaseException as e:
         log.exception("shim %s/%s failed", request.get("namespace"), request.get("id"))
-        from shimd.main import failure
-        _tell(ready, {"error": failure(e)})
+        tell(ready, {"error": failure(e)})
     finally:
         logging.shutdown()
         os._exit(code)
@@ -274,12 +274,3 @@ def _close_fds_except(*keep: int) -> None:
         os.closerange(start, fd)
         start = fd + 1
     os.closerange(start, os.sysconf("SC_OPEN_MAX"))
-
-
-def _tell(fd: int, message: dict) -> None:
-    if fd < 0:
-        return
-    try:
-        os.write(fd, json.dumps(message).encode() + b"\n")
-    except OSError:
-        pass
