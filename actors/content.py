@@ -33,6 +33,7 @@ import time
 import uuid
 from typing import Annotated, Callable
 
+from berth.labels import GC_PREFIX
 from actors.durable import fsync_dir
 from bus import filters as filter_syntax
 from bus.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
@@ -47,7 +48,6 @@ MAX_READ = 4 << 20          # bytes per read call; the caller loops
 MAX_REF = 256
 HASH_CHUNK = 1 << 20
 STALE_WRITER = 120.0        # seconds idle after which another writer_open may take a ref over
-GC_LABEL_PREFIX = "containerd.io/gc."
 TMP = ".tmp-"               # prefix of anything a crash may leave half-done; removed at startup
 
 SCHEMA = """
@@ -332,7 +332,7 @@ class ContentStore:
             rows = self.db.execute("SELECT namespace, digest, labels FROM blobs").fetchall()
         for ns, digest, labels in rows:
             graph.setdefault(ns, {})[digest] = {k: v for k, v in json.loads(labels).items()
-                                               if k.startswith(GC_LABEL_PREFIX)}
+                                               if k.startswith(GC_PREFIX)}
         return graph
 
     def gc_sweep(self, remove: list[tuple[str, str]], leased_ingests: set[tuple[str, str]],

@@ -20,6 +20,7 @@ import logging
 
 import msgpack
 
+from berth.labels import GC_EXPIRE, GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT
 from bus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from bus.filters import parse as parse_filters
 from bus.validate import Identifier, Labels, check_digest, check_identifier, check_labels
@@ -78,10 +79,7 @@ CREATE TABLE IF NOT EXISTS lease_resources (
 
 # Tables whose rows belong to a namespace; a namespace holding any of them cannot be deleted.
 NAMESPACED_TABLES = ["images", "containers", "leases"]
-EXPIRE_LABEL = "containerd.io/gc.expire"
-GC_ROOT = "containerd.io/gc.root"
-GC_REF_CONTENT = "containerd.io/gc.ref.content"
-GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
+EXPIRE_LABEL = GC_EXPIRE
 INGEST_EXPIRY = 24 * 3600.0       # an unleased ingest idle this long is swept
 RESOURCE_TYPES = re.compile(r"(content|ingests|snapshots/[a-z0-9]+)\Z")
 

@@ -57,6 +57,7 @@ import time
 import uuid
 from typing import Annotated, Callable
 
+from berth.labels import UNCOMPRESSED
 from actors.differ import apply_layer, write_changes
 from actors.durable import fsync_dir
 from bus import filters as filter_syntax
@@ -830,7 +831,7 @@ class SnapshotActor(Actor):
             digest = "sha256:" + hasher.hexdigest()
             ref = f"diff-{uuid.uuid4().hex}"
             content = {"namespace": ns, "lease": call.lease}
-            labels = dict(labels or {}, **{"containerd.io/uncompressed": changes["diff_id"]})
+            labels = dict(labels or {}, **{UNCOMPRESSED: changes["diff_id"]})
             with contextlib.suppress(AlreadyExists):        # the same changes were stored before
                 self.call("content", "writer_open", {"ref": ref, "total": size, "expected": digest}, **content)
                 layer.seek(0)

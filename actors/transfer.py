@@ -46,6 +46,7 @@ from typing import Callable, Iterable, Iterator
 
 import httpx
 
+from berth.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, UNCOMPRESSED
 from berth.version import VERSION
 from bus.errors import (AlreadyExists, BerthError, FailedPrecondition, InvalidArgument, NotFound,
                         NotImplementedErr, PermissionDenied, ResourceExhausted, Unavailable)
@@ -83,7 +84,6 @@ NON_DISTRIBUTABLE = ("application/vnd.oci.image.layer.nondistributable.",
 LAYER_PREFIXES = ("application/vnd.oci.image.layer.", "application/vnd.docker.image.rootfs.")
 _MEDIA_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}\Z")
 
-GC_REF_CONTENT = "containerd.io/gc.ref.content"
 
 
 def is_index(media_type: str) -> bool:
@@ -1384,8 +1384,6 @@ class ContentProxy:
 
 
 PULL_LEASE_EXPIRY = 3600.0       # a pull that dies leaves a lease that lapses by itself
-UNCOMPRESSED = "containerd.io/uncompressed"
-GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:

@@ -654,7 +654,6 @@ def _matcher(filters):
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
-GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 WAIT_SLICE = 300.0            # seconds one wait request may block in berthd; the client asks again
 _ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
            "armv6l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",

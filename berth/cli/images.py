@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 
+from berth.labels import GC_REF_SNAPSHOT
 from berth.cli.output import add_format, as_json, labels_text, remove_each, table
 
 INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
@@ -25,7 +26,6 @@ MANIFEST_TYPES = {"application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json"}
 MAX_JSON_BLOB = 4 << 20       # manifests, indexes and configs larger than this are not read
 DEFAULT_SNAPSHOTTER = "overlayfs"
-GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."
 
 
 def register(sub) -> None:

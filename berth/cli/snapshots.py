@@ -12,11 +12,11 @@ import os
 import subprocess
 import sys
 
+from berth.labels import GC_ROOT
 from berth.cli.content import human_size
 from berth.cli.output import add_format, as_json, parse_labels, remove_each, table
 
 DEFAULT_SNAPSHOTTER = "overlayfs"
-GC_ROOT = "containerd.io/gc.root"
 KIND_TITLES = {"active": "Active", "view": "View", "committed": "Committed"}   # as ctr prints them
 
 
