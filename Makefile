@@ -3,7 +3,7 @@
 #   make deps      Debian packages the runtime and the tests need (only the missing ones)
 #   make install   deps + the Python package (editable) + systemd unit, tmpfiles.d entry, example config
 #   make run       install, then berthd in the foreground with its defaults
-#   make test      install, then the unit, integration and security tests
+#   make test      install, then the unit, integration, security and short chaos tests
 #   make bench     containerd + install, then the figures side by side with containerd
 #   make lint      pyflakes over every package and the tests
 #   make chaos     fault-injection soak for $(DURATION) seconds
@@ -70,14 +70,18 @@ deps:
 bench-deps:
 	$(call install_debs,$(DEBS) $(BENCH_DEBS))
 
+# Bytecode is compiled here once: with PYTHONDONTWRITEBYTECODE set (as on many CI machines)
+# Python would otherwise compile berth's modules on every start. `berth` itself is the launcher
+# berth/cli/launcher.py writes: the interpreter started without site's .pth hooks.
 install: deps
 	$(PIP) install -e '.[test]'
+	$(PYTHON) -m compileall -q berth bus actors shimd
 	@if [ "$(SCRIPTS_DIR)" != "$(BIN_DIR)" ]; then \
-		for s in berthd berth; do \
-			echo "ln -sfn $(SCRIPTS_DIR)/$$s $(BIN_DIR)/$$s"; \
-			install -d $(BIN_DIR) && ln -sfn "$(SCRIPTS_DIR)/$$s" "$(BIN_DIR)/$$s"; \
-		done; \
+		echo "ln -sfn $(SCRIPTS_DIR)/berthd $(BIN_DIR)/berthd"; \
+		install -d $(BIN_DIR) && ln -sfn "$(SCRIPTS_DIR)/berthd" "$(BIN_DIR)/berthd"; \
 	fi
+	install -d $(BIN_DIR)
+	$(PYTHON) -m berth.cli.launcher $(BIN_DIR)/berth
 	install -D -m 0644 systemd/berthd.service $(SYSTEMD_UNIT_DIR)/berthd.service
 	install -D -m 0644 systemd/berth.conf $(TMPFILES_DIR)/berth.conf
 	install -D -m 0644 systemd/config.toml.example $(CONFIG_DIR)/config.toml.example

@@ -19,6 +19,7 @@ class Config:
     log_level: str = "info"
     metrics_address: str = "127.0.0.1:1338"  # empty: no metrics endpoint
     events_log_size: int = 100_000           # events kept for replay
+    failpoints: str = ""                     # name=term;... (bus.failpoints); BERTH_FAILPOINTS adds to it
 
     def __post_init__(self):
         self.root = os.path.abspath(self.root)
@@ -58,7 +59,7 @@ def _from_toml(path: str) -> dict:
         raise InvalidArgument(f"cannot read config {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise InvalidArgument(f"config {path}: {e}") from None
-    values = {k: doc[k] for k in ("root", "state", "address", "log_level") if k in doc}
+    values = {k: doc[k] for k in ("root", "state", "address", "log_level", "failpoints") if k in doc}
     if "address" in doc.get("metrics", {}):
         values["metrics_address"] = doc["metrics"]["address"]
     if "log_size" in doc.get("events", {}):

@@ -26,8 +26,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -35,7 +37,7 @@ from typing import Annotated, Callable
 
 from berth.labels import GC_PREFIX
 from actors.durable import fsync_dir
-from bus import filters as filter_syntax
+from bus import failpoints, filters as filter_syntax
 from bus.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                         ResourceExhausted, Unavailable)
 from bus.pubsub import Publisher
@@ -49,6 +51,7 @@ MAX_REF = 256
 HASH_CHUNK = 1 << 20
 STALE_WRITER = 120.0        # seconds idle after which another writer_open may take a ref over
 TMP = ".tmp-"               # prefix of anything a crash may leave half-done; removed at startup
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -225,6 +228,7 @@ class ContentStore:
             if w.total is not None and offset + len(data) > w.total:
                 raise InvalidArgument(f"write of {len(data)} bytes at offset {offset} "
                                       f"exceeds total {w.total}")
+            failpoints.fail("content.write")
             try:
                 done = 0
                 while done < len(data):
@@ -254,6 +258,7 @@ class ContentStore:
                     raise FailedPrecondition(f"unexpected commit digest {digest}, expected {want}")
             os.fsync(w.fd)
             os.fchmod(w.fd, 0o444)
+            failpoints.fail("content.commit")      # verified and synced, not yet visible
             target, now = self._blob_path(digest), self.clock()
             with self._meta:
                 exists = self._row(ns, digest) is not None
@@ -367,6 +372,53 @@ class ContentStore:
                 shutil.rmtree(doomed, ignore_errors=True)
                 expired += 1
         return {"removed": removed, "orphans": len(orphans), "ingests": expired}
+
+    # --- checking what is on disk -------------------------------------------------------------
+
+    def fsck(self) -> dict:
+        """Hash every committed blob again and compare it with its name and recorded size: a blob
+        is verified once, at commit, and a disk that rots it later is otherwise noticed only by
+        whoever reads it next. Also lists blob files no namespace sees (a crash between rename and
+        row leaves those, for GC) and files that are not blobs at all. One chunk in memory at a
+        time; the database lock is held only while listing."""
+        with self._meta:
+            rows = self.db.execute("SELECT digest, size, namespace FROM blobs ORDER BY digest").fetchall()
+            names = sorted(os.listdir(self.blobs))
+        recorded: dict[str, tuple[set[int], list[str]]] = {}
+        for digest, size, ns in rows:
+            recorded.setdefault(digest, (set(), []))
+            recorded[digest][0].add(size)
+            recorded[digest][1].append(ns)
+        report = {"checked": 0, "bytes": 0, "corrupt": [], "missing": [], "orphans": [], "unknown": []}
+        buffer = bytearray(HASH_CHUNK)
+        for digest, (sizes, namespaces) in recorded.items():
+            try:
+                actual, size = _hash_file(self._blob_path(digest), buffer)
+            except FileNotFoundError:
+                if self._row_anywhere(digest):          # else deleted since the listing
+                    report["missing"].append({"digest": digest, "namespaces": namespaces})
+                continue
+            report["checked"] += 1
+            report["bytes"] += size or 0
+            problem = ("not a regular file" if actual is None else
+                       "digest mismatch" if actual != digest else
+                       "size mismatch" if sizes != {size} else None)
+            if problem:
+                report["corrupt"].append({"digest": digest, "namespaces": namespaces, "problem": problem,
+                                          "size": max(sizes), "actual_size": size, "actual_digest": actual})
+        for name in names:
+            if name.startswith(TMP) or f"sha256:{name}" in recorded:
+                continue
+            path = os.path.join(self.blobs, name)
+            if _HEX64.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+                report["orphans"].append(f"sha256:{name}")
+            elif os.path.lexists(path):
+                report["unknown"].append(name)
+        return report
+
+    def _row_anywhere(self, digest: str) -> bool:
+        with self._meta:
+            return self.db.execute("SELECT 1 FROM blobs WHERE digest = ? LIMIT 1", (digest,)).fetchone() is not None
 
     # --- internals --------------------------------------------------------------------------
 
@@ -505,6 +557,27 @@ def _info(row: tuple) -> dict:
     digest, size, created_at, updated_at, labels = row
     return {"digest": digest, "size": size, "created_at": created_at, "updated_at": updated_at,
             "labels": json.loads(labels)}
+
+
+def _hash_file(path: str, buffer: bytearray) -> tuple[str | None, int | None]:
+    """(digest, size) of a regular file read through `buffer`; (None, None) for anything else
+    (a symlink is not followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, None
+        hasher, size, view = hashlib.sha256(), 0, memoryview(buffer)
+        while n := os.preadv(fd, [buffer], size):
+            hasher.update(view[:n])
+            size += n
+        return "sha256:" + hasher.hexdigest(), size
+    finally:
+        os.close(fd)
 
 
 def _ingest_name(ns: str, ref: str) -> str:
@@ -646,6 +719,10 @@ class ContentActor(Actor):
     @method
     def writer_close(self, ns: str, ref: Ref) -> None:
         return self.store.writer_close(ns, ref)
+
+    @method(blocking=True)
+    def fsck(self) -> dict:
+        return self.store.fsck()
 
     @method
     def gc_graph(self) -> dict:

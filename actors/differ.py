@@ -725,6 +725,10 @@ class _Lowers:
             for fd in owned:
                 os.close(fd)
 
+    def root_names(self) -> set[bytes]:
+        """Every name in the lowers' roots, visible or not."""
+        return {os.fsencode(name) for fd in self.fds for name in os.listdir(_proc(fd))}
+
     @staticmethod
     def _opaque(dfd: int) -> bool:
         try:
@@ -932,6 +936,8 @@ class _Applier:
     def _link(self, tparent: bytes, tbase: bytes, target: bytes, pfd: int, base: bytes, e: Entry) -> None:
         try:
             tpfd = self.dir(tparent, create=False)
+            if self.overlay and _is_whiteout_device(os.stat(tbase, dir_fd=tpfd, follow_symlinks=False)):
+                raise FileNotFoundError(errno.ENOENT, "whited out by this layer")
             os.link(tbase, base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
             return
         except (FileNotFoundError, NotADirectoryError):
@@ -942,7 +948,10 @@ class _Applier:
         os.link(tbase, base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
 
     def _copy_up(self, rel: bytes) -> bool:
-        """Copy `rel` from the lowers into the upper, as overlayfs would before linking to it."""
+        """Copy `rel` from the lowers into the upper, as overlayfs would before linking to it;
+        not what this layer has already hidden."""
+        if self._shadowed(rel):
+            return False
         found = self.lowers.find(rel)
         if found is None:
             return False
@@ -1045,6 +1054,11 @@ class _Applier:
             pfd = self.dir(parent, create=True)
             if self.overlay:
                 os.setxattr(_proc(pfd), OVERLAY_OPAQUE, b"y")
+                if not parent:
+                    # overlayfs ignores the attribute on a layer's root: hide what the lowers
+                    # show there one name at a time
+                    for name in sorted(self.lowers.root_names()):
+                        self._overlay_whiteout(e, pfd, b"", name)
             else:
                 self._clear_opaque(pfd)
             return
@@ -1055,26 +1069,15 @@ class _Applier:
         if target in (b"", b".", b".."):
             raise InvalidArgument(f"layer whiteout {e.describe()} names no file of its directory")
         if self.overlay:
-            pfd = self.dir(parent, create=True)
-        else:
-            try:
-                pfd = self.dir(parent, create=False)
-            except (FileNotFoundError, NotADirectoryError):
-                return                                       # nothing there to delete
+            self._overlay_whiteout(e, self.dir(parent, create=True), parent, target)
+            return
+        try:
+            pfd = self.dir(parent, create=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return                                           # nothing there to delete
         try:
             st = os.stat(target, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
-            st = None
-        if self.overlay:
-            # anything already in the upper is this layer's own, which a whiteout of the same
-            # layer does not hide (OCI); a directory of ours stops showing the lower one
-            if st is None:
-                os.mknod(target, stat.S_IFCHR, 0, dir_fd=pfd)
-                os.chown(target, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
-            elif stat.S_ISDIR(st.st_mode):
-                os.setxattr(_proc(pfd, target), OVERLAY_OPAQUE, b"y", follow_symlinks=False)
-            return
-        if st is None:
             return
         if self._key(pfd, target) in self.unpacked:
             if stat.S_ISDIR(st.st_mode):
@@ -1085,6 +1088,65 @@ class _Applier:
                     os.close(cfd)
             return
         self._remove(pfd, target, st)
+
+    def _overlay_whiteout(self, e: Entry, pfd: int, parent: bytes, target: bytes) -> None:
+        """Anything already in the upper is this layer's own, which a whiteout of the same layer
+        does not hide (OCI); a directory of ours stops showing the lower one. A whiteout is
+        written only where it hides something: overlayfs lists a directory that no lower one
+        merges with as it is on disk, where a whiteout would show as a name that cannot be
+        opened (containers/fuse-overlayfs#306)."""
+        try:
+            st = os.stat(target, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            if self._hides_something(parent + b"/" + target if parent else target):
+                os.mknod(target, stat.S_IFCHR, 0, dir_fd=pfd)
+                os.chown(target, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            os.setxattr(_proc(pfd, target), OVERLAY_OPAQUE, b"y", follow_symlinks=False)
+
+    def _hides_something(self, rel: bytes) -> bool:
+        """Overlay: whether a whiteout at `rel` would hide anything in the lowers."""
+        shadowed = self._shadowed(rel)
+        if shadowed is None:
+            return True                                  # a symlink on the way: keep it to be safe
+        if shadowed:
+            return False
+        found = self.lowers.find(rel)
+        if found is None:
+            return False
+        os.close(found[0])
+        return True
+
+    def _shadowed(self, rel: bytes) -> bool | None:
+        """Overlay: whether this layer already hides the lowers at `rel`: an opaque directory or a
+        whiteout on the way, or a whiteout at `rel` itself. None where the way goes through a
+        symlink of this layer's, whose lower counterpart is not what the path names."""
+        comps = rel.split(b"/")
+        owned: list[int] = []
+        dfd = self.rootfd
+        try:
+            for depth, comp in enumerate(comps):
+                if depth and _Lowers._opaque(dfd):       # the root's attribute counts for nothing
+                    return True
+                try:
+                    st = os.stat(comp, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return False
+                if _is_whiteout_device(st):
+                    return True
+                if depth == len(comps) - 1:
+                    return False
+                if stat.S_ISLNK(st.st_mode):
+                    return None
+                if not stat.S_ISDIR(st.st_mode):
+                    return True
+                dfd = os.open(comp, O_DIR_PATH | os.O_NOFOLLOW, dir_fd=dfd)
+                owned.append(dfd)
+            return False
+        finally:
+            for fd in owned:
+                os.close(fd)
 
     def _clear_opaque(self, dfd: int) -> None:
         """Native opaque directory: remove every child that this layer did not put there."""

@@ -21,6 +21,7 @@ import logging
 import msgpack
 
 from berth.labels import GC_EXPIRE, GC_REF_CONTENT, GC_REF_SNAPSHOT, GC_ROOT
+from bus import failpoints
 from bus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from bus.filters import parse as parse_filters
 from bus.validate import Identifier, Labels, check_digest, check_identifier, check_labels
@@ -120,6 +121,7 @@ class MetadataStore:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
+                failpoints.fail("metadata.commit")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise

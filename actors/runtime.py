@@ -53,9 +53,11 @@ import threading
 import time
 from typing import Callable
 
+from actors import checkpoint as checkpoints
 from bus.errors import (AlreadyExists, BerthError, DeadlineExceeded, FailedPrecondition, InvalidArgument,
                         NotFound, Unavailable)
-from bus.validate import Identifier, check_identifier
+from bus import failpoints
+from bus.validate import Identifier, check_digest, check_identifier
 from bus.worker import Actor, Call, method
 
 log = logging.getLogger("berth.runtime")
@@ -200,6 +202,17 @@ def unmount(target: str) -> bool:
         if err in (errno.EINVAL, errno.ENOENT):   # not a mount point (any more), or no such path
             return any_
         raise OSError(err, os.strerror(err), target)
+
+
+def check_dev(rec: "TaskRecord") -> None:
+    """The image's /dev must be a directory (or absent). runc 1.1 makes /dev/fd, /dev/stdin, ...
+    and /dev/ptmx by plain path joins, after removing any ptmx there: through a /dev that is a
+    symlink it would make and remove them wherever the link points on the host."""
+    dev = os.path.join(rec.rootfs, "dev")
+    if os.path.islink(dev) or (os.path.lexists(dev) and not os.path.isdir(dev)):
+        kind = "a symbolic link" if os.path.islink(dev) else "not a directory"
+        raise FailedPrecondition(f"{rec.describe()}: /dev in its root filesystem is {kind}; the runtime "
+                                 "would follow it out of the root filesystem, so the task is refused")
 
 
 def is_mount_point(path: str) -> bool:
@@ -587,12 +600,17 @@ class TaskManager:
         return task_dir
 
     def create(self, ns: str, id: str, resolve: Callable[[], tuple[dict, list[dict]]], stdin: str = "",
-               stdout: str = "", stderr: str = "", terminal: bool = False, checkpoint: str = "") -> dict:
-        """Create the task of container `id`: `resolve()` gives its record and rootfs mounts."""
+               stdout: str = "", stderr: str = "", terminal: bool = False, checkpoint: str = "",
+               unpack_checkpoint: Callable[[str, str], None] | None = None) -> dict:
+        """Create the task of container `id`: `resolve()` gives its record and rootfs mounts.
+        With `checkpoint` (the digest of a checkpoint blob in the content store), the task is
+        restored from it when started; `unpack_checkpoint(digest, dir)` puts the CRIU image there."""
         task_dir = self.task_dir(ns, id)
-        for what, path in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr), ("checkpoint", checkpoint)):
+        for what, path in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr)):
             if path and (not isinstance(path, str) or not os.path.isabs(path) or "\0" in path):
                 raise InvalidArgument(f"{what} must be an absolute path, not {str(path)[:200]!r}")
+        if checkpoint:
+            check_digest(checkpoint)
         rec = self._reserve(ns, id, task_dir)
         try:
             container, mounts = resolve()
@@ -604,13 +622,18 @@ class TaskManager:
             spec = dict(spec, root=dict(spec.get("root") or {}, path="rootfs"))
             rec.stdio = {"stdin": stdin, "stdout": stdout, "stderr": stderr, "terminal": terminal}
             self._make_bundle(rec, spec, mounts, rec.stdio)
+            image_path = ""
+            if checkpoint:
+                image_path = rec.path("checkpoint")
+                unpack_checkpoint(checkpoint, image_path)
+            failpoints.fail("runtime.create")     # the bundle made and mounted, no shim yet
             pid = self.zygote.spawn(ns, id, rec.dir, rec.dir, rec.runtime, {"log_level": self.log_level})
             rec.shim = ShimClient(rec.dir, pid, _pidfd(pid))
             with self.lock:
                 rec.phase = RUNNING
             self._wake()
             return self._call(rec, "create", {"stdin": stdin, "stdout": stdout, "stderr": stderr,
-                                              "terminal": terminal, "checkpoint": checkpoint})
+                                              "terminal": terminal, "checkpoint": image_path})
         except BaseException:
             self._abandon(rec)
             raise
@@ -643,6 +666,7 @@ class TaskManager:
         _write_json(rec.path("config.json"), spec)
         os.mkdir(rec.rootfs, 0o755)
         mount_all(mounts, rec.rootfs)
+        check_dev(rec)
 
     def _abandon(self, rec: TaskRecord) -> None:
         """Undo a create that failed part way: the shim (if any), the mounts, the directory."""
@@ -679,6 +703,7 @@ class TaskManager:
         try:
             with open(rec.path("deleting"), "w"):
                 pass
+            failpoints.fail("runtime.delete")     # marked deleting, not yet asked of the shim
             result = self._call(rec, "delete")
         except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
@@ -703,9 +728,11 @@ class TaskManager:
         self._job(self._cleanup_dead, rec)
 
     def _finish_delete(self, rec: TaskRecord) -> None:
-        """After a delete: once the shim has exited (it delivers its last events first), forward
-        what it could not deliver, and remove the directory."""
+        """After a delete: once the shim has exited (it delivers its last events and deletes the
+        runtime's state first), forward what it could not deliver, delete what runtime state
+        it left (it was killed on the way), and remove the directory."""
         self._wait_shim_exit(rec)
+        self._runtime_delete(rec)
         self._adopt_spool(rec)
         self._remove_dir(rec)
         self._forget(rec)
@@ -845,12 +872,17 @@ class TaskManager:
     def close_io(self, ns: str, id: str, exec_id: str = "") -> None:
         self._call(self._get(ns, id), "close_io", {"exec_id": exec_id})
 
-    def checkpoint(self, ns: str, id: str, exit: bool = False) -> dict:
+    def checkpoint(self, ns: str, id: str, keep: Callable[[str], dict], exit: bool = False) -> dict:
+        """CRIU-dump the task into a scratch directory, `keep(dir)` it (into the content store:
+        its descriptor is the answer), and remove the directory whatever happens."""
         rec = self._get(ns, id)
-        path = os.path.join(self.root, "checkpoints", ns, id, str(time.time_ns()))
+        path = os.path.join(self.root, "checkpoints", ns, f"{id}-{time.time_ns()}")
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        self._call(rec, "checkpoint", {"path": path, "exit": exit}, timeout=600)
-        return {"path": path}
+        try:
+            self._call(rec, "checkpoint", {"path": path, "exit": exit}, timeout=600)
+            return keep(path)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def state(self, ns: str, id: str) -> dict:
         rec = self._get(ns, id)
@@ -935,8 +967,10 @@ class RuntimeActor(Actor):
     @method(blocking=True)
     def create(self, ns, container_id: Identifier, stdin: str = "", stdout: str = "", stderr: str = "",
                terminal: bool = False, checkpoint: str = "") -> dict:
+        def unpack(digest: str, dest: str) -> None:
+            checkpoints.fetch(self.call, ns, digest, dest, self.tasks.tasks_dir)
         return self.tasks.create(ns, container_id, self._resolve(ns, container_id), stdin, stdout, stderr,
-                                 terminal, checkpoint)
+                                 terminal, checkpoint, unpack)
 
     @method(blocking=True)
     def start(self, ns, container_id: Identifier, exec_id: str = "") -> dict:
@@ -1002,8 +1036,12 @@ class RuntimeActor(Actor):
         self.tasks.close_io(ns, container_id, exec_id)
 
     @method(blocking=True)
-    def checkpoint(self, ns, container_id: Identifier, exit: bool = False) -> dict:
-        return self.tasks.checkpoint(ns, container_id, exit)
+    def checkpoint(self, ns, container_id: Identifier, call: Call, exit: bool = False) -> dict:
+        """The task's CRIU image as a blob in the content store (held by the caller's lease)."""
+        def keep(image_dir: str) -> dict:
+            return checkpoints.store(self.call, ns, call.lease, image_dir, os.path.dirname(image_dir),
+                                     f"checkpoint-{container_id}-{time.time_ns()}")
+        return self.tasks.checkpoint(ns, container_id, keep, exit)
 
 
 def build(config) -> RuntimeActor:

@@ -60,7 +60,7 @@ from typing import Annotated, Callable
 from berth.labels import UNCOMPRESSED
 from actors.differ import apply_layer, write_changes
 from actors.durable import fsync_dir
-from bus import filters as filter_syntax
+from bus import failpoints, filters as filter_syntax
 from bus.errors import (AlreadyExists, BerthError, FailedPrecondition, Internal, InvalidArgument, NotFound,
                         ResourceExhausted)
 from bus.validate import Digest, Labels, check_digest, check_labels, check_name
@@ -241,6 +241,7 @@ class Snapshotter:
             db.execute("DELETE FROM keys WHERE namespace = ? AND key = ?", (ns, key))
             db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (ns, name, row["id"], row["parent"], _dump(labels), now, now))
+            failpoints.fail("snapshot.commit")
         self._publish(ns, "/snapshot/commit", {"key": key, "name": name, "snapshotter": self.name})
         return self.stat(ns, name)
 
@@ -797,6 +798,7 @@ class SnapshotActor(Actor):
                 result = apply_layer(blob, s.upper_dir(ns, key), mode=s.mode,
                                      media_type=str(layer.get("mediaType", "")),
                                      lowers=s.lower_dirs(ns, key) if s.mode == "overlay" else None)
+            failpoints.fail("snapshot.apply")       # applied, neither checked nor committed
             if result["diff_id"] != diff_id:
                 raise InvalidArgument(f"layer {digest}: its content has diffID {result['diff_id']}, "
                                       f"but the image config says {diff_id}")

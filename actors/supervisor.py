@@ -60,10 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from actors.config import Config
+    from bus import failpoints
     from bus.errors import BerthError
     try:
         config = Config.load(args.config, root=args.root, state=args.state, address=args.address,
                              log_level=args.log_level, metrics_address=args.metrics_address)
+        armed = failpoints.parse(config.failpoints) | failpoints.parse(os.environ.get("BERTH_FAILPOINTS", ""))
     except BerthError as e:
         print(f"berthd: {e}", file=sys.stderr)
         return 2
@@ -79,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(config.metrics_dir, ignore_errors=True)
     os.makedirs(config.metrics_dir, mode=0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = config.metrics_dir
-    from actors.template import Template
+    # Failpoints too: every process forked from here on shares the one table.
+    failpoints.share(os.path.join(config.state, "failpoints.lock"), armed)
+    if armed:
+        log.warning("failpoints set: %s", ";".join(f"{k}={v}" for k, v in armed.items()))
+    from actors.template import Template, preload
+    preload()
     template = Template.fork(config, keep_out=[f.fileno() for f in locks])
     return Supervisor(config, template, locks).run()
 
@@ -307,6 +314,9 @@ class Supervisor:
                     "metrics": self.metrics_server and f"http://{self.metrics_server.address}/v1/metrics"}
         if req.method == "actors":
             return {"router": self.router.stats(), "actors": [a.describe(now) for a in self.actors.values()]}
+        from bus import failpoints
+        if req.method in failpoints.METHODS:
+            return failpoints.serve(req.method, req.args)
         raise NotImplementedErr(f"berth has no method {req.method!r}")
 
     @staticmethod

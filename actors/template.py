@@ -1,8 +1,8 @@
 """The template: a pre-imported process from which every actor is forked.
 
 It is forked by the supervisor before the supervisor touches ZeroMQ (libzmq's threads do not
-survive fork), imports every actor module once, freezes the GC so those pages stay shared, then
-forks an actor whenever the supervisor asks and reports each child's start and exit.
+survive fork) and after it has imported every module (`preload`), then forks an actor whenever
+the supervisor asks and reports each child's start and exit.
 Everything dies with the supervisor: the template and each actor hold PR_SET_PDEATHSIG.
 """
 from __future__ import annotations
@@ -38,6 +38,26 @@ def exit_status(wait_status: int) -> int:
     if os.WIFSIGNALED(wait_status):
         return 128 + os.WTERMSIG(wait_status)
     return os.waitstatus_to_exitcode(wait_status)
+
+
+# Beside the actor modules, what the supervisor, the actors and the shim zygote import anyway.
+PRELOAD = ("zmq", "msgpack", "concurrent.futures.thread", "sdnotify", "tenacity", "prometheus_client", "httpx", "sqlite3", "isal.isal_zlib",
+           "zstandard", "bus.router", "bus.worker", "bus.client", "bus.pubsub", "actors.metrics",
+           "shimd.main", "shimd.zygote")
+M_ARENA_MAX = -8
+
+
+def preload() -> None:
+    """Import every module berthd's processes use, in the supervisor before it forks the
+    template: one copy of each, shared by every process forked from it, with the GC frozen so
+    those pages stay shared. Two malloc arenas, not eight per core: the actors' threads
+    allocate little, and each arena keeps its own free memory."""
+    from actors.registry import ACTORS
+    _libc.mallopt(M_ARENA_MAX, 2)
+    for name in (*PRELOAD, *(spec.module for spec in ACTORS)):
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
 
 
 class Template:
@@ -98,11 +118,6 @@ def _serve(sock: socket.socket, config, parent: int) -> int:
     setproctitle("berthd: template")
     die_with_parent(parent)
     os.setpgid(0, 0)                 # a terminal's Ctrl-C reaches the supervisor alone
-    from actors.registry import ACTORS
-    for spec in ACTORS:
-        importlib.import_module(spec.module)
-    gc.collect()
-    gc.freeze()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)

@@ -48,6 +48,7 @@ import httpx
 
 from berth.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, UNCOMPRESSED
 from berth.version import VERSION
+from bus import failpoints
 from bus.errors import (AlreadyExists, BerthError, FailedPrecondition, InvalidArgument, NotFound,
                         NotImplementedErr, PermissionDenied, ResourceExhausted, Unavailable)
 from bus.validate import check_digest
@@ -1150,6 +1151,7 @@ class _PullJob:
         if self._have(desc):
             self.report(key, digest, "exists", size, size)
             return
+        failpoints.fail("transfer.fetch")
         for attempt in range(3):
             status = self._open_writer(key, desc)
             if status is None:

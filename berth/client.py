@@ -20,6 +20,7 @@ import threading
 import time
 from typing import BinaryIO, Callable, Iterator
 
+from berth.labels import GC_REF_CONTENT
 from berth.version import VERSION
 from bus.client import Connection
 from bus.errors import AlreadyExists, BerthError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
@@ -163,6 +164,19 @@ class Client:
 
     def actors(self) -> dict:
         return self.call("berth", "actors")
+
+    def failpoints(self) -> list[dict]:
+        """The failpoints set in berthd, [{name, term}], with the counts they have left."""
+        return self.call("berth", "failpoints")
+
+    def set_failpoint(self, name: str, term: str) -> dict:
+        """Set failpoint `name` (docs/failpoints.md) in every berthd process, e.g. ("content.commit",
+        "1*crash"); shims started from now on have it too."""
+        return self.call("berth", "set_failpoint", {"name": name, "term": term})
+
+    def clear_failpoints(self, name: str | None = None) -> list[str]:
+        """Clear failpoint `name`, or all of them; the names cleared."""
+        return self.call("berth", "clear_failpoints", {"name": name})["cleared"]
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -325,6 +339,17 @@ class Content:
 
     def abort(self, ref: str) -> None:
         self.client.call("content", "abort", {"ref": ref})
+
+    FSCK_TIMEOUT = 3600.0     # seconds to re-read every blob in the store
+
+    def fsck(self, timeout: float | None = None) -> dict:
+        """Every blob in the store (all namespaces) hashed again: {checked, bytes, corrupt,
+        missing, orphans, unknown}. `corrupt`: blobs whose bytes no longer match their digest or
+        recorded size ({digest, namespaces, problem, size, actual_size, actual_digest});
+        `missing`: recorded blobs with no file; `orphans`: blob files no namespace sees (GC
+        removes them); `unknown`: files in the blob directory that are not blobs."""
+        return self.client.call("content", "fsck", idempotent=True,
+                                timeout=self.FSCK_TIMEOUT if timeout is None else timeout)
 
 
 def _credentials(credentials) -> str | None:
@@ -654,6 +679,9 @@ def _matcher(filters):
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+CHECKPOINT_CONFIG_TYPE = "application/vnd.berth.checkpoint.config.v1+json"   # the container's OCI spec
+CHECKPOINT_LAYER_TYPE = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 WAIT_SLICE = 300.0            # seconds one wait request may block in berthd; the client asks again
 _ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
            "armv6l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",
@@ -683,6 +711,25 @@ def image_config(client: "Client", image: dict | str) -> tuple[dict, dict]:
         raise InvalidArgument(f"image {record['name']}: its manifest names no config")
     config = json.loads(_read_blob(client, config_desc))
     return config_desc, config
+
+
+def _write_json_blob(client: "Client", ref: str, media_type: str, doc: dict, labels: dict | None = None) -> dict:
+    """`doc` as a JSON blob in the content store; its descriptor."""
+    import json
+    data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    info = client.content.write(ref, data, labels=labels)
+    return {"mediaType": media_type, "digest": info["digest"], "size": len(data)}
+
+
+def checkpoint_layer(client: "Client", image: str) -> str:
+    """The digest of the CRIU image in checkpoint image `image`."""
+    import json
+    record = _get_image(client, image)
+    manifest = json.loads(_read_blob(client, record["target"]))
+    for layer in manifest.get("layers") or []:
+        if layer.get("mediaType") == CHECKPOINT_LAYER_TYPE:
+            return layer["digest"]
+    raise InvalidArgument(f"image {image} is not a checkpoint: it has no {CHECKPOINT_LAYER_TYPE} layer")
 
 
 def _get_image(client: "Client", name: str) -> dict:
@@ -787,7 +834,10 @@ class Container:
     def new_task(self, stdio: "Stdio | None" = None, *, stdin: str = "", stdout: str = "", stderr: str = "",
                  terminal: bool | None = None, checkpoint: str = "") -> "Task":
         """Create the container's task (its init created, not started). `stdio`: a Stdio (FIFOs it
-        made), or give the paths; none means /dev/null. `terminal` defaults to the spec's."""
+        made), or give the paths; none means /dev/null. `terminal` defaults to the spec's.
+        `checkpoint`: a checkpoint image (Task.checkpoint) the task is restored from when started."""
+        if checkpoint:
+            checkpoint = checkpoint_layer(self.client, checkpoint)
         if stdio is not None:
             stdin, stdout, stderr = stdio.stdin, stdio.stdout, stdio.stderr
             terminal = stdio.terminal if terminal is None else terminal
@@ -918,9 +968,26 @@ class Task:
     def update(self, resources: dict) -> None:
         self._call("update", {"resources": resources})
 
-    def checkpoint(self, exit: bool = False) -> str:
-        """Checkpoint the task with CRIU; the image's directory (under berthd's root)."""
-        return self._call("checkpoint", {"exit": exit}, timeout=600)["path"]
+    def checkpoint(self, image: str | None = None, exit: bool = False) -> dict:
+        """Checkpoint the task with CRIU into the content store, as an image named `image`
+        (default `checkpoint/<id>:<unix time>`); its record. The image's manifest has the
+        container's spec as config and the CRIU image as its one layer (containerd's media type);
+        `Container.new_task(checkpoint=...)` restores from it. `exit` stops the task after."""
+        import json
+        name = image or f"checkpoint/{self.container_id}:{int(time.time())}"
+        container = self.client.containers.get(self.container_id)
+        with self.client.lease(expire=3600):
+            layer = self._call("checkpoint", {"exit": exit}, timeout=600)
+            config = _write_json_blob(self.client, f"checkpoint-config-{self.container_id}",
+                                      CHECKPOINT_CONFIG_TYPE, container.get("spec") or {})
+            manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": config, "layers": [layer],
+                        "annotations": {"io.berth.checkpoint.container": self.container_id,
+                                        "io.berth.checkpoint.image": container.get("image", ""),
+                                        "io.berth.checkpoint.runtime": json.dumps(container.get("runtime"))}}
+            target = _write_json_blob(self.client, f"checkpoint-manifest-{self.container_id}", MANIFEST_TYPE,
+                                      manifest, labels={f"{GC_REF_CONTENT}.config": config["digest"],
+                                                        f"{GC_REF_CONTENT}.l.0": layer["digest"]})
+            return self.client.images.put(name, target)
 
     def exec(self, exec_id: str, args: list[str] | None = None, *, spec: dict | None = None,
              stdio: "Stdio | None" = None, stdin: str = "", stdout: str = "", stderr: str = "",

@@ -17,7 +17,7 @@ from typing import Callable
 
 import zmq
 
-from bus import codec
+from bus import codec, failpoints
 from bus.envelope import Reply, Request
 from bus.errors import BerthError, DeadlineExceeded, NotImplementedErr, ResourceExhausted, Unavailable
 from bus.worker import MORE, PING, PONG, REG, REP, REQ
@@ -103,6 +103,11 @@ class Router:
             return
         if req.service not in self.services:
             self._reply(client, Reply.failure(req.id, NotImplementedErr(f"no service {req.service!r}")))
+            return
+        try:
+            failpoints.fail("router.forward", req.service, req.method)
+        except BerthError as e:
+            self._reply(client, Reply.failure(req.id, e))
             return
         wait = MAX_WAIT if req.deadline is None else req.deadline - time.time()
         token = next(self.tokens)

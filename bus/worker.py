@@ -8,6 +8,7 @@ pipe and become ordinary events on the loop.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import logging
 import os
@@ -21,12 +22,13 @@ from typing import Callable
 
 import zmq
 
-from bus import codec
+from bus import codec, failpoints
 from bus.envelope import Reply, Request
 from bus.errors import BerthError, DeadlineExceeded, Internal, InvalidArgument, NotImplementedErr
 from bus.validate import Schema, check_identifier
 
 log = logging.getLogger("berth.worker")
+_libc = ctypes.CDLL(None)
 
 # Control words on the actors socket (docs/wire.md, "Router and actors").
 REG, REQ, REP, MORE, PING, PONG = b"REG", b"REQ", b"REP", b"MORE", b"PING", b"PONG"
@@ -174,9 +176,14 @@ class Worker:
             poller.register(sock, zmq.POLLIN)
         if not self.direct:
             self.sock.send_multipart([REG, struct.pack("!I", os.getpid())])
+        trimmed_at = self.served
         while not self.stopping:
             timeout = self._run_timers()
-            for item, _ in poller.poll(timeout):
+            ready = poller.poll(timeout)
+            if not ready and trimmed_at != self.served and not self.in_flight:
+                trimmed_at = self.served
+                _libc.malloc_trim(0)      # idle again: hand the requests' freed heap back to the system
+            for item, _ in ready:
                 if item is self.sock:
                     self._drain_socket()
                 elif item == self.wake_r:
@@ -267,6 +274,7 @@ class Worker:
 
     def _invoke(self, spec: MethodSpec, kwargs: dict, call: Call, route: list, send) -> None:
         try:
+            failpoints.fail("worker.dispatch", self.actor.name, spec.fn.__name__)
             result = spec.fn(self.actor, **kwargs)
             if spec.stream:
                 for item in result:

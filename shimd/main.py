@@ -40,6 +40,7 @@ import threading
 import time
 from typing import Callable
 
+from bus import failpoints
 from bus.errors import AlreadyExists, BerthError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from bus.validate import Identifier, check_identifier
 from bus.worker import Actor, Deferred, method
@@ -133,6 +134,7 @@ class Shim:
         self.cgroup_paths: dict[str, str] = {}
         self.oom: cgroups.OomWatcher | None = None
         self.done = False                           # the task is deleted: the shim may exit
+        self.runtime_delete_pending = False
         self.pending: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.closed = False
@@ -285,6 +287,7 @@ class Shim:
             del self.io[""]
             raise
         try:
+            failpoints.fail("shim.create")       # the container created, its pid not yet read
             io.started()
             return read_pid(self.path("init.pid"))
         except BaseException:
@@ -316,14 +319,21 @@ class Shim:
                 init.check(Status.RUNNING)
                 self.init_starting = True
             try:
+                failpoints.fail("shim.start")
                 if self.restore_from is not None:
                     self._restore()
                 else:
                     self.runtime.start(self.id)
             except BaseException:
+                stopped: list[Process] = []
                 with self.lock:
                     self.init_starting = False
                     self._take_early(init.pid)
+                    if self.restore_from is not None:
+                        # A failed restore made no container: the task ends here, never run.
+                        stopped = self.task.init_exited(255, self.clock())
+                if stopped:
+                    self.post(lambda: self._stopped(stopped))
                 raise
             with self.lock:
                 init.transition(Status.RUNNING)
@@ -364,6 +374,7 @@ class Shim:
             raise FailedPrecondition(f"{proc.describe()} is {status}: nothing to signal yet")
         if status in (Status.STOPPED, Status.DELETED) or exited:
             raise NotFound(f"{proc.describe()} has already exited")
+        failpoints.fail("shim.kill")
         if exec_id:
             try:
                 os.kill(pid, signal)
@@ -402,13 +413,14 @@ class Shim:
             init = self.task.init
             with self.lock:
                 init.check(Status.DELETED)
+            failpoints.fail("shim.delete")
             io = self.io.pop("", None)
             if io is not None:
                 io.close(IO_DRAIN)
-            try:
-                self.runtime.delete(self.id)
-            except NotFound:
-                pass                                 # a checkpoint with exit=True deletes it already
+            # The runtime's own delete (its state, the cgroups) waits for `finish`, after the
+            # answer: nothing of the container runs any more, and berthd reuses the id only once
+            # this shim has exited.
+            self.runtime_delete_pending = True
             with self.lock:
                 for e in [e for e, p in self.task.execs.items() if p.status is Status.CREATED]:
                     self.task.delete_exec(e)
@@ -581,6 +593,17 @@ class Shim:
 
     # --- the end --------------------------------------------------------------------------
 
+    def finish(self) -> None:
+        """After the loop, before the threads stop: what the delete left to do."""
+        if self.runtime_delete_pending:
+            self.runtime_delete_pending = False
+            try:
+                self.runtime.delete(self.id)
+            except NotFound:
+                pass                                 # a checkpoint with exit=True deletes it already
+            except BerthError as e:
+                log.error("%s/%s: %s", self.namespace, self.id, e)
+
     def release_waiters(self) -> None:
         """On the loop, as it ends: whoever still waits for an exit hears that the shim is going."""
         for answers in self.waiters.values():
@@ -724,7 +747,7 @@ def serve(spec: dict, ready_fd: int = -1) -> int:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
         os.makedirs(task_dir, mode=0o700, exist_ok=True)
         os.chmod(task_dir, 0o700)
-        publisher = Publisher(spec["address"], os.path.join(task_dir, "spool"), sync=True)
+        publisher = Publisher(spec["address"], os.path.join(task_dir, "spool"))
         shim = Shim(namespace, id, spec["bundle"], task_dir, spec["runtime"], spec["runtime_root"], publisher)
         sock = os.path.join(task_dir, "shim.sock")
         _unlink(sock)
@@ -747,6 +770,7 @@ def serve(spec: dict, ready_fd: int = -1) -> int:
     log.info("shim %s/%s serving on %s", namespace, id, sock)
     try:
         worker.run()
+        shim.finish()
     finally:
         shim.close()
         publisher.close(2.0)

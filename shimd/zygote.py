@@ -2,12 +2,14 @@
 
 The runtime actor forks it with `Zygote.fork(config)` before it creates any ZeroMQ context
 (libzmq's threads do not survive fork). The zygote imports the shim's modules once and freezes
-the GC, so every shim shares those pages; then, for each `spawn`, it forks a child that starts a
-new session and forks the shim itself, and exits at once (the zygote reaps it). The shim's parent
-is therefore init (or the nearest subreaper), never berthd, and nothing that happens to berthd,
-the runtime actor or the zygote reaches it. Before it runs, the shim closes every inherited
-descriptor (berthd's directory locks among them), resets signal dispositions and mask, clears
-PR_SET_PDEATHSIG, and points its stdio at /dev/null and its task directory's shim.log.
+the GC, so every shim shares those pages. It keeps one spare shim ready: forked through a child
+that starts a new session and exits at once (the zygote reaps it), so the spare's parent is init
+(or the nearest subreaper), never berthd, and nothing that happens to berthd, the runtime actor or
+the zygote reaches it. The spare has already closed every inherited descriptor (berthd's
+directory locks among them), reset signal dispositions and mask, cleared PR_SET_PDEATHSIG and
+pointed its stdio at /dev/null; it waits on a socket of its own for a task. Each `spawn` is
+handed to the spare, which logs to its task directory's shim.log and serves, and the zygote
+forks the next spare. A spare whose zygote goes exits.
 
 The zygote itself dies with the runtime actor (PR_SET_PDEATHSIG); a new runtime actor forks a new
 one. A spawn passes the zygote the write end of a pipe (SCM_RIGHTS); the shim writes
@@ -40,7 +42,8 @@ log = logging.getLogger("berth.zygote")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 MAX_REQUEST = 64 << 10
-PRELOAD = ("shimd.main", "shimd.zygote", "bus.client", "bus.pubsub", "bus.worker", "zmq", "msgpack")
+PRELOAD = ("shimd.main", "shimd.zygote", "bus.client", "bus.pubsub", "bus.worker", "zmq", "msgpack",
+           "concurrent.futures.thread", "setproctitle")
 PR_SET_PDEATHSIG = 1
 
 
@@ -157,6 +160,7 @@ def _serve(sock: socket.socket, defaults: dict, parent: int) -> int:
         importlib.import_module(module)
     gc.collect()
     gc.freeze()
+    spare = Spare.fork(sock)
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 1)
@@ -165,7 +169,7 @@ def _serve(sock: socket.socket, defaults: dict, parent: int) -> int:
         if not data:
             for fd in fds:
                 os.close(fd)
-            return 0                                 # the runtime actor is gone
+            return 0                                 # the runtime actor is gone (and so goes the spare)
         try:
             request = codec.unpack(data)
         except Exception:
@@ -177,48 +181,78 @@ def _serve(sock: socket.socket, defaults: dict, parent: int) -> int:
                 os.close(fd)
             continue
         ready = fds[0]
+        request["options"] = dict(defaults, **(request.get("options") or {}))
+        if spare is None or not spare.hand(codec.pack(request), ready):
+            _spawn_now(request, ready, sock)
+        spare = None
+        os.close(ready)
+        spare = Spare.fork(sock)
+
+
+class Spare:
+    """A shim forked, detached and waiting before any task asks for one, so that a create does
+    not wait for two forks: the zygote hands it the next spawn request over its own socket. It
+    exits when that socket closes (the zygote is gone)."""
+
+    def __init__(self, pid: int, sock: socket.socket):
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def fork(cls, zygote_sock: socket.socket) -> "Spare | None":
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        zygote = os.getpid()
         try:
             child = os.fork()
         except OSError as e:
-            tell(ready, {"error": {"code": "ResourceExhausted", "message": f"fork failed: {e.strerror}"}})
-            os.close(ready)
-            continue
+            log.warning("no spare shim: fork failed: %s", e.strerror)
+            ours.close()
+            theirs.close()
+            return None
         if child == 0:
-            _intermediate(request, defaults, ready, sock)
-        os.close(ready)
-        os.waitpid(child, 0)                         # it exits as soon as the shim is forked
+            code = 1
+            try:
+                ours.close()
+                zygote_sock.close()
+                os.setsid()
+                if os.fork() == 0:
+                    _wait_as_spare(theirs, zygote)
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+        os.waitpid(child, 0)                         # it exits as soon as the spare is forked
+        return cls(child, ours)
+
+    def hand(self, request: bytes, ready: int) -> bool:
+        """Give the spare a spawn request; False if it is gone."""
+        try:
+            socket.send_fds(self.sock, [request], [ready])
+            return True
+        except OSError:
+            return False
+        finally:
+            self.sock.close()
 
 
-def _intermediate(request: dict, defaults: dict, ready: int, sock: socket.socket) -> None:
-    """Between the zygote and the shim: a new session, then the shim as an orphan."""
-    try:
-        sock.close()
-        os.setsid()
-        if os.fork() == 0:
-            _become_shim(request, defaults, ready)
-    except BaseException as e:
-        tell(ready, {"error": {"code": "Internal", "message": f"{type(e).__name__}: {e}"}})
-    os._exit(0)
-
-
-def _become_shim(request: dict, defaults: dict, ready: int) -> None:
+def _wait_as_spare(sock: socket.socket, zygote: int) -> None:
+    """The spare: detach from everything inherited, then wait for a task, or for the end."""
     code = 1
+    ready = -1
+    request: dict = {}
     try:
-        options = dict(defaults, **request.get("options", {}))
-        runtime = request["runtime"]
-        state = options.get("state") or "/run/berth"
-        spec = {
-            "namespace": request["namespace"], "id": request["id"], "bundle": request["bundle"],
-            "task_dir": request["task_dir"], "runtime": runtime, "address": options.get("address", ""),
-            "runtime_root": options.get("runtime_root")
-            or os.path.join(state, os.path.basename(runtime), request["namespace"]),
-        }
-        if not spec["address"]:
-            raise InvalidArgument("no berthd address to publish events to")
-        ready = _detach(ready, spec["task_dir"], options.get("log_level", "info"))
-        from shimd.main import serve
-        handed, ready = ready, -1                     # serve reports on it and closes it
-        code = serve(spec, handed)
+        setproctitle(f"berth-shim: spare of {zygote}")
+        ctl = _detach(sock.detach())
+        data, fds, _, _ = socket.recv_fds(socket.socket(fileno=ctl), MAX_REQUEST, 1)
+        if not data or len(fds) != 1:
+            code = 0                                 # the zygote is gone: so are we
+            return
+        request = codec.unpack(data)
+        ready = fcntl.fcntl(fds[0], fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(fds[0])
+        _close_fds_except(ready)
+        code = _run_shim(request, ready)
+        ready = -1
     except BaseException as e:
         log.exception("shim %s/%s failed", request.get("namespace"), request.get("id"))
         tell(ready, {"error": failure(e)})
@@ -227,9 +261,59 @@ def _become_shim(request: dict, defaults: dict, ready: int) -> None:
         os._exit(code)
 
 
-def _detach(ready: int, task_dir: str, log_level: str) -> int:
-    """Shed everything inherited: descriptors, signal handling, the parent-death signal, logging.
-    Returns the ready pipe's (new) descriptor."""
+def _spawn_now(request: dict, ready: int, sock: socket.socket) -> None:
+    """Without a spare: fork one for this request (through a child that starts a new session)."""
+    try:
+        child = os.fork()
+    except OSError as e:
+        tell(ready, {"error": {"code": "ResourceExhausted", "message": f"fork failed: {e.strerror}"}})
+        return
+    if child == 0:
+        code = 1
+        try:
+            sock.close()
+            os.setsid()
+            if os.fork() == 0:
+                code = 1
+                try:
+                    ready = _detach(ready)
+                    code = _run_shim(request, ready)
+                    ready = -1
+                except BaseException as e:
+                    log.exception("shim %s/%s failed", request.get("namespace"), request.get("id"))
+                    tell(ready, {"error": failure(e)})
+                finally:
+                    logging.shutdown()
+                    os._exit(code)
+            code = 0
+        except BaseException as e:
+            tell(ready, {"error": {"code": "Internal", "message": f"{type(e).__name__}: {e}"}})
+        finally:
+            os._exit(code)
+    os.waitpid(child, 0)                             # it exits as soon as the shim is forked
+
+
+def _run_shim(request: dict, ready: int) -> int:
+    """In the detached shim: its task's log, then serve; the exit code. `ready` is handed on."""
+    options = request["options"]
+    runtime = request["runtime"]
+    state = options.get("state") or "/run/berth"
+    spec = {
+        "namespace": request["namespace"], "id": request["id"], "bundle": request["bundle"],
+        "task_dir": request["task_dir"], "runtime": runtime, "address": options.get("address", ""),
+        "runtime_root": options.get("runtime_root")
+        or os.path.join(state, os.path.basename(runtime), request["namespace"]),
+    }
+    if not spec["address"]:
+        raise InvalidArgument("no berthd address to publish events to")
+    _log_to(spec["task_dir"], options.get("log_level", "info"))
+    from shimd.main import serve
+    return serve(spec, ready)
+
+
+def _detach(keep: int) -> int:
+    """Shed everything inherited: descriptors, signal handling, the parent-death signal, the
+    working directory. Returns `keep`'s new descriptor (moved out of the way of 0, 1, 2)."""
     import ctypes
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
     signal.set_wakeup_fd(-1)
@@ -241,19 +325,24 @@ def _detach(ready: int, task_dir: str, log_level: str) -> int:
                 pass
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)    # as Python starts: EPIPE is an error, not death
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    high = fcntl.fcntl(ready, fcntl.F_DUPFD_CLOEXEC, 3)   # out of the way of 0, 1, 2
-    os.close(ready)
+    high = fcntl.fcntl(keep, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(keep)
     _close_fds_except(high)
-    os.makedirs(task_dir, mode=0o700, exist_ok=True)
     null = os.open(os.devnull, os.O_RDWR)
-    logfile = os.open(os.path.join(task_dir, "shim.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    os.dup2(logfile, 2)
-    for fd in (null, logfile):
-        if fd > 2:
-            os.close(fd)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
     os.chdir("/")
+    return high
+
+
+def _log_to(task_dir: str, log_level: str) -> None:
+    """stderr, and the logging module, to the task directory's shim.log."""
+    os.makedirs(task_dir, mode=0o700, exist_ok=True)
+    logfile = os.open(os.path.join(task_dir, "shim.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(logfile, 2)
+    os.close(logfile)
     sys.stdin = open(0, "r", closefd=False)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
@@ -264,7 +353,6 @@ def _detach(ready: int, task_dir: str, log_level: str) -> int:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(log_level.upper())
-    return high
 
 
 def _close_fds_except(*keep: int) -> None:

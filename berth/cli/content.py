@@ -1,4 +1,4 @@
-"""`berth content ls|get|fetch|ingest|active|rm|label`: the content store, as ctr shows it.
+"""`berth content ls|get|fetch|ingest|active|rm|label|fsck`: the content store, as ctr shows it.
 
 `content fetch` is ctr's: it fetches all the content of an image for a platform, and, as
 containerd's client.Fetch does, records the image too; unlike `images pull` it never unpacks.
@@ -51,6 +51,10 @@ def register(sub) -> None:
     lb.add_argument("digest")
     lb.add_argument("labels", nargs="*", metavar="KEY=VALUE")
     lb.set_defaults(func=label)
+
+    fk = cmds.add_parser("fsck", help="hash every blob again; report corrupt, missing, orphan and unknown files")
+    fk.add_argument("--json", action="store_true", help="print the report as JSON")
+    fk.set_defaults(func=fsck)
 
 
 def list_(client, args) -> int:
@@ -110,6 +114,25 @@ def label(client, args) -> int:
     info = client.content.set_labels(args.digest, parse_labels(args.labels))
     print(labels_text(info["labels"]))
     return 0
+
+
+def fsck(client, args) -> int:
+    """Exit status 1 when anything is reported: a corrupt or missing blob, an orphan, an unknown file."""
+    report = client.content.fsck()
+    findings = [("corrupt", d["digest"], f"{d['problem']}: recorded {d['size']} bytes, has "
+                 f"{'-' if d['actual_size'] is None else d['actual_size']} bytes hashing to "
+                 f"{d['actual_digest'] or '-'} (namespaces {','.join(d['namespaces'])})") for d in report["corrupt"]]
+    findings += [("missing", d["digest"], f"recorded but no file (namespaces {','.join(d['namespaces'])})")
+                 for d in report["missing"]]
+    findings += [("orphan", digest, "no namespace sees it; berth gc removes it") for digest in report["orphans"]]
+    findings += [("unknown", name, "not a blob") for name in report["unknown"]]
+    if args.json:
+        as_json(report)
+    else:
+        print(f"checked {report['checked']} blobs, {human_size(report['bytes'])}")
+        if findings:
+            table(["PROBLEM", "BLOB", "DETAIL"], [list(f) for f in findings])
+    return 1 if findings else 0
 
 
 # --- shared by the groups that print sizes and ages ------------------------------------------

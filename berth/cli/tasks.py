@@ -21,6 +21,8 @@ def register(sub) -> None:
     st = cmds.add_parser("start", help="start the task of a container, attached to this terminal")
     st.add_argument("-d", "--detach", action="store_true", help="return once it has started")
     st.add_argument("-t", "--tty", action="store_true", help="the container's spec has a terminal")
+    st.add_argument("--checkpoint", default="", metavar="IMAGE",
+                    help="restore the task from a checkpoint image (tasks checkpoint)")
     st.add_argument("id", metavar="CONTAINER")
     st.set_defaults(func=start)
 
@@ -77,8 +79,10 @@ def register(sub) -> None:
     a.add_argument("id", metavar="CONTAINER")
     a.set_defaults(func=attach)
 
-    cp = cmds.add_parser("checkpoint", help="checkpoint a task (CRIU); prints the image's directory")
+    cp = cmds.add_parser("checkpoint", help="checkpoint a task (CRIU) into an image in the content store; "
+                                             "prints the image's name")
     cp.add_argument("--exit", action="store_true", help="stop the task once it is checkpointed")
+    cp.add_argument("--image", metavar="NAME", help="the image's name (default checkpoint/<id>:<unix time>)")
     cp.add_argument("id", metavar="CONTAINER")
     cp.set_defaults(func=checkpoint)
 
@@ -100,11 +104,16 @@ def start(client, args) -> int:
     from berth.cli.run import run_attached
     container = client.containers.load(args.id)
     if args.detach:
-        task = container.new_task()
-        task.start()
+        from berth.cli.run import discard
+        task = container.new_task(checkpoint=args.checkpoint)
+        try:
+            task.start()
+        except BaseException:
+            discard(task)
+            raise
         return 0
     tty = args.tty or bool(container.spec.get("process", {}).get("terminal"))
-    return run_attached(container.new_task, tty=tty)
+    return run_attached(lambda stdio: container.new_task(stdio, checkpoint=args.checkpoint), tty=tty)
 
 
 def list_(client, args) -> int:
@@ -257,5 +266,5 @@ def attach(client, args) -> int:
 
 def checkpoint(client, args) -> int:
     from berth.client import Task
-    print(Task(client, args.id).checkpoint(exit=args.exit))
+    print(Task(client, args.id).checkpoint(image=args.image, exit=args.exit)["name"])
     return 0

@@ -11,7 +11,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -107,11 +106,14 @@ def _ratio(berth: float, other: float | None) -> str:
 
 class Berth:
     def __init__(self):
+        from berth.cli import launcher
         self.d = Daemon(metrics=False).start()
         self.daemons = [self.d]
+        self.berth = os.path.join(self.d.dir, "berth")    # the command as `make install` writes it
+        launcher.write(self.berth)
 
     def cmd(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "berth.cli.main", "-a", self.d.address, "-n", NS, *args]
+        return [self.berth, "-a", self.d.address, "-n", NS, *args]
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.d.cli(*args, namespace=NS, check=check, timeout=120)
@@ -129,10 +131,15 @@ class Berth:
         return out
 
     def daemon_pids(self, shims) -> set[int]:
+        """berthd's processes, and the spare shim its zygote keeps ready (titled with the
+        zygote's pid)."""
         excluded = set(shims)
         for pid in shims:
             excluded |= descendants(pid)
-        return ({self.d.proc.pid} | descendants(self.d.proc.pid)) - excluded
+        daemon = {self.d.proc.pid} | descendants(self.d.proc.pid)
+        titles = {f"berth-shim: spare of {pid}" for pid in daemon if proc_title(pid) == "berthd: shim-zygote"}
+        spares = {int(e) for e in os.listdir("/proc") if e.isdigit() and proc_title(int(e)) in titles}
+        return (daemon | spares) - excluded
 
     def running(self, ids) -> int:
         client = self.d.client(NS, timeout=2)

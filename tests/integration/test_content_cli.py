@@ -366,3 +366,26 @@ def test_second_writer_on_a_ref_is_refused_until_the_first_finishes(daemon):
 
     assert client.content.write("shared", b"second writer")["digest"] == sha(b"second writer")
     assert digests(daemon) == {sha(first_data), sha(b"second writer")}
+
+
+def test_fsck_is_clean_until_a_blob_rots_on_disk_then_names_it_and_fails(daemon):
+    kept, rotting = b"kept" * 1000, os.urandom(3 * MiB)
+    ingest(daemon, "kept", kept)
+    ingest(daemon, "rotting", rotting, namespace="other")
+    clean = berth(daemon, "content", "fsck")
+    assert lines(clean) == ["checked 2 blobs, 3.0 MiB"]
+
+    path = os.path.join(daemon.root, "content", "blobs", "sha256", sha(rotting)[7:])
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(b"\0" * 16)
+    found = berth(daemon, "content", "fsck", check=False)
+    assert found.returncode == 1
+    rows = [line.split() for line in lines(found)[2:]]
+    assert [row[:3] for row in rows] == [["corrupt", sha(rotting), "digest"]]
+    report = json.loads(berth(daemon, "content", "fsck", "--json", check=False).stdout)
+    assert [(d["digest"], d["namespaces"], d["problem"]) for d in report["corrupt"]] == [
+        (sha(rotting), ["other"], "digest mismatch")]
+    assert report["missing"] == report["orphans"] == report["unknown"] == []
+    assert berth(daemon, "content", "get", sha(kept)).stdout == kept          # still serving

@@ -391,3 +391,46 @@ def test_a_failing_publisher_does_not_fail_the_commit(tmp_path):
     assert s.commit("ns", "r", 1, dgst(b"x"))["digest"] == dgst(b"x")
     assert s.info("ns", dgst(b"x"))["size"] == 1
     s.close()
+
+
+def test_fsck_reports_a_blob_corrupted_on_disk_and_files_that_are_no_blob(store):
+    good, bad, gone = b"good" * 1000, b"bad" * (1 << 19), b"gone"
+    for i, data in enumerate((good, bad, gone)):
+        ingest(store, "ns", f"r{i}", data)
+    ingest(store, "other", "r", bad)
+    assert store.fsck() == {"checked": 3, "bytes": len(good) + len(bad) + len(gone), "corrupt": [],
+                            "missing": [], "orphans": [], "unknown": []}
+
+    rotten = bytearray(bad)
+    rotten[len(bad) // 2] ^= 1                       # one bit, past the first hashing chunk
+    path = os.path.join(store.blobs, dgst(bad)[7:])
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(rotten)
+    os.unlink(os.path.join(store.blobs, dgst(gone)[7:]))
+    stray = b"no row names this"
+    with open(os.path.join(store.blobs, dgst(stray)[7:]), "wb") as f:
+        f.write(stray)
+    with open(os.path.join(store.blobs, "notes.txt"), "w") as f:
+        f.write("not a blob")
+
+    assert ContentActor.methods["fsck"].blocking          # it reads the whole store: off the loop
+    report = store.fsck()
+    assert report["corrupt"] == [{"digest": dgst(bad), "namespaces": ["ns", "other"], "problem": "digest mismatch",
+                                  "size": len(bad), "actual_size": len(bad), "actual_digest": dgst(bytes(rotten))}]
+    assert report["missing"] == [{"digest": dgst(gone), "namespaces": ["ns"]}]
+    assert report["orphans"] == [dgst(stray)] and report["unknown"] == ["notes.txt"]
+    assert report["checked"] == 2 and report["bytes"] == len(good) + len(bad)
+
+
+def test_fsck_reports_a_truncated_blob_and_one_replaced_by_a_symlink(store):
+    short, linked = b"short" * 100, b"linked"
+    ingest(store, "ns", "a", short)
+    ingest(store, "ns", "b", linked)
+    os.truncate(os.path.join(store.blobs, dgst(short)[7:]), 10)
+    target = os.path.join(store.blobs, dgst(linked)[7:])
+    os.unlink(target)
+    os.symlink("/etc/hostname", target)
+    report = store.fsck()
+    problems = {d["digest"]: (d["problem"], d["actual_size"]) for d in report["corrupt"]}
+    assert problems == {dgst(short): ("digest mismatch", 10), dgst(linked): ("not a regular file", None)}

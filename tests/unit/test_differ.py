@@ -480,11 +480,14 @@ def test_user_xattr_on_a_symlink_is_skipped_like_containerd(tmp_path):
 # --- overlay mode -----------------------------------------------------------------------------------
 
 def test_overlay_whiteouts_are_char_devices_and_opaque_is_an_xattr(tmp_path):
-    upper = tmp_path / "upper"
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
     upper.mkdir()
+    apply_bytes(tar_of(entry("etc", tarfile.DIRTYPE, mode=0o755), entry("etc/passwd", data=b"root"),
+                       entry("tmp", tarfile.DIRTYPE, mode=0o1777)), lower, "overlay")
     layer = tar_of(entry("etc", tarfile.DIRTYPE, mode=0o755), entry("etc/.wh.passwd", uid=0),
                    entry("var/.wh..wh..opq"), entry(".wh.tmp"), entry("etc/.wh..wh.plnk"))
-    assert apply_bytes(layer, upper, "overlay")["files"] == 4          # the AUFS entry is ignored
+    assert apply_bytes(layer, upper, "overlay", lowers=[str(lower)])["files"] == 4   # AUFS entry ignored
     assert is_whiteout(upper / "etc" / "passwd")
     assert is_whiteout(upper / "tmp")
     assert (upper / "var").is_dir() and opaque(upper / "var")
