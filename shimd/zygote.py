@@ -237,20 +237,28 @@ class Spare:
 
 def _wait_as_spare(sock: socket.socket, zygote: int) -> None:
     """The spare: detach from everything inherited, then wait for a task, or for the end."""
-    code = 1
     ready = -1
-    request: dict = {}
     try:
         setproctitle(f"berth-shim: spare of {zygote}")
         ctl = _detach(sock.detach())
         data, fds, _, _ = socket.recv_fds(socket.socket(fileno=ctl), MAX_REQUEST, 1)
         if not data or len(fds) != 1:
-            code = 0                                 # the zygote is gone: so are we
-            return
+            os._exit(0)                              # the zygote is gone: so are we
         request = codec.unpack(data)
         ready = fcntl.fcntl(fds[0], fcntl.F_DUPFD_CLOEXEC, 3)
         os.close(fds[0])
         _close_fds_except(ready)
+    except BaseException as e:
+        log.exception("a spare shim failed")
+        tell(ready, {"error": failure(e)})
+        os._exit(1)
+    _serve_and_exit(request, ready)
+
+
+def _serve_and_exit(request: dict, ready: int) -> None:
+    """In the detached shim: run it, report a failure to start on `ready`, and exit."""
+    code = 1
+    try:
         code = _run_shim(request, ready)
         ready = -1
     except BaseException as e:
@@ -274,17 +282,7 @@ def _spawn_now(request: dict, ready: int, sock: socket.socket) -> None:
             sock.close()
             os.setsid()
             if os.fork() == 0:
-                code = 1
-                try:
-                    ready = _detach(ready)
-                    code = _run_shim(request, ready)
-                    ready = -1
-                except BaseException as e:
-                    log.exception("shim %s/%s failed", request.get("namespace"), request.get("id"))
-                    tell(ready, {"error": failure(e)})
-                finally:
-                    logging.shutdown()
-                    os._exit(code)
+                _serve_and_exit(request, _detach(ready))
             code = 0
         except BaseException as e:
             tell(ready, {"error": {"code": "Internal", "message": f"{type(e).__name__}: {e}"}})
