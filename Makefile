@@ -26,9 +26,6 @@ SYSTEMD_UNIT_DIR := /etc/systemd/system
 TMPFILES_DIR     := /usr/lib/tmpfiles.d
 CONFIG_DIR       := /etc/berth
 BIN_DIR          := /usr/local/bin
-# Where pip puts console scripts for this interpreter (under pyenv it is not
-# /usr/local/bin, which is where the unit looks).
-SCRIPTS_DIR      := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))")
 
 # install_debs(packages): apt-get only what dpkg does not report as installed,
 # refreshing the package lists once and only if something is missing. The
@@ -71,24 +68,21 @@ bench-deps:
 	$(call install_debs,$(DEBS) $(BENCH_DEBS))
 
 # Bytecode is compiled here once: with PYTHONDONTWRITEBYTECODE set (as on many CI machines)
-# Python would otherwise compile berth's modules on every start. `berth` itself is the launcher
-# berth/cli/launcher.py writes: the interpreter started without site's .pth hooks.
+# Python would otherwise compile berth's modules on every start. `berth` and `berthd` in
+# $(BIN_DIR) are the launchers berth/cli/launcher.py writes: the interpreter started without
+# site's .pth hooks.
 install: deps
 	$(PIP) install -e '.[test]'
 	$(PYTHON) -m compileall -q berth bus actors shimd
-	@if [ "$(SCRIPTS_DIR)" != "$(BIN_DIR)" ]; then \
-		echo "ln -sfn $(SCRIPTS_DIR)/berthd $(BIN_DIR)/berthd"; \
-		install -d $(BIN_DIR) && ln -sfn "$(SCRIPTS_DIR)/berthd" "$(BIN_DIR)/berthd"; \
-	fi
 	install -d $(BIN_DIR)
-	$(PYTHON) -m berth.cli.launcher $(BIN_DIR)/berth
+	for s in berth berthd; do $(PYTHON) -m berth.cli.launcher $$s $(BIN_DIR)/$$s; done
 	install -D -m 0644 systemd/berthd.service $(SYSTEMD_UNIT_DIR)/berthd.service
 	install -D -m 0644 systemd/berth.conf $(TMPFILES_DIR)/berth.conf
 	install -D -m 0644 systemd/config.toml.example $(CONFIG_DIR)/config.toml.example
 
-# The script pip just wrote, not whatever `berthd` PATH finds first.
+# The launcher just written, not whatever `berthd` PATH finds first.
 run: install
-	$(SCRIPTS_DIR)/berthd
+	$(BIN_DIR)/berthd
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -747,6 +747,7 @@ class _Applier:
         self.dead: list[int] = []                  # cached fds to close once no caller holds them
         self.dir_times: dict[tuple[int, int], tuple[bytes, int, int]] = {}   # (dev, ino) → times
         self.unpacked: set[tuple[int, int, bytes]] = set()   # native: (dev, dir ino, name) of ours
+        self.borrowed: set[tuple[int, int, bytes]] = set()   # overlay: copies of lower entries
         self.opaque_done: set[tuple[int, int]] = set()
         self.count = 0
 
@@ -787,22 +788,22 @@ class _Applier:
             except FileExistsError:
                 raise InvalidArgument(f"layer path {_show(rel)} goes through a symlink to a missing "
                                       "directory") from None
-            self._implicit_dir_attrs(pfd, base, rel)
-            if not self.overlay:
-                self.unpacked.add(self._key(pfd, base))     # made for this layer's entries
+            copied = self._implicit_dir_attrs(pfd, base, rel)
+            self._mark(pfd, base, ours=not copied)          # native: made for this layer's entries
             fd = openat2(pfd, base, O_DIR_PATH | os.O_NOFOLLOW)
         if len(self.cache) >= 1024:
             self.invalidate()
         self.cache[rel] = fd
         return fd
 
-    def _implicit_dir_attrs(self, pfd: int, base: bytes, rel: bytes) -> None:
+    def _implicit_dir_attrs(self, pfd: int, base: bytes, rel: bytes) -> bool:
+        """True when the directory copies a lower one."""
         found = self.lowers.find(rel) if self.overlay else None
         if found is None or not stat.S_ISDIR(found[2].st_mode):
             if found:
                 os.close(found[0])
             self._chmod_dir(pfd, base, 0o755)
-            return
+            return False
         lfd, lbase, st = found
         try:
             dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
@@ -818,6 +819,7 @@ class _Applier:
                 os.close(dfd)
         finally:
             os.close(lfd)
+        return True
 
     @staticmethod
     def _chmod_dir(pfd: int, base: bytes, mode: int) -> None:
@@ -904,8 +906,7 @@ class _Applier:
                 dev = os.makedev(e.devmajor, e.devminor) if t != FIFO else 0
                 self._create(pfd, base, e, lambda: os.mknod(base, kind | 0o600, dev, dir_fd=pfd))
             self._meta_by_name(pfd, base, e)
-        if not self.overlay:
-            self.unpacked.add(self._key(pfd, base))
+        self._mark(pfd, base, ours=True)
 
     def _create(self, pfd: int, base: bytes, e: Entry, make) -> int | None:
         """Run `make`; if the name is taken, merge (directory onto directory) or replace it."""
@@ -987,6 +988,7 @@ class _Applier:
             copied.xattrs = {k: v for k, v in _read_xattrs(_proc(lfd, lbase)).items()
                              if not k.startswith(b"trusted.")} or None
             self._meta_by_name(pfd, base, copied)
+            self._mark(pfd, base, ours=False)
             return True
         finally:
             os.close(lfd)
@@ -1047,11 +1049,28 @@ class _Applier:
         st = os.fstat(pfd)
         return st.st_dev, st.st_ino, base
 
+    def _mark(self, pfd: int, base: bytes, ours: bool) -> None:
+        """Record whose a name is. A whiteout or an opaque marker hides only what the layers
+        below put there: natively what this layer did not unpack, in overlay mode the copies
+        of lower entries it had to make (the parents and targets of hardlinks to lower files)."""
+        key = self._key(pfd, base)
+        if not self.overlay:
+            if ours:
+                self.unpacked.add(key)
+        elif ours:
+            self.borrowed.discard(key)
+        else:
+            self.borrowed.add(key)
+
+    def _ours(self, key: tuple[int, int, bytes]) -> bool:
+        return key not in self.borrowed if self.overlay else key in self.unpacked
+
     # whiteouts
 
     def _whiteout(self, e: Entry, parent: bytes, base: bytes) -> bool | None:
         if base == WHITEOUT_OPAQUE:
             pfd = self.dir(parent, create=True)
+            self._clear_opaque(pfd)
             if self.overlay:
                 os.setxattr(_proc(pfd), OVERLAY_OPAQUE, b"y")
                 if not parent:
@@ -1059,8 +1078,6 @@ class _Applier:
                     # show there one name at a time
                     for name in sorted(self.lowers.root_names()):
                         self._overlay_whiteout(e, pfd, b"", name)
-            else:
-                self._clear_opaque(pfd)
             return
         if base.startswith(WHITEOUT_META_PREFIX):
             log.debug("layer entry %s: ignoring AUFS metadata", e.describe())
@@ -1079,13 +1096,9 @@ class _Applier:
             st = os.stat(target, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        if self._key(pfd, target) in self.unpacked:
+        if self._ours(self._key(pfd, target)):
             if stat.S_ISDIR(st.st_mode):
-                cfd = openat2(pfd, target, O_DIR_PATH | os.O_NOFOLLOW)
-                try:
-                    self._clear_opaque(cfd)
-                finally:
-                    os.close(cfd)
+                self._clear_opaque_at(pfd, target)
             return
         self._remove(pfd, target, st)
 
@@ -1098,11 +1111,16 @@ class _Applier:
         try:
             st = os.stat(target, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
+            st = None
+        if st is not None and not self._ours(self._key(pfd, target)):
+            self._remove(pfd, target, st)               # a copy of what is below: hidden with it
+            st = None
+        if st is None:
             if self._hides_something(parent + b"/" + target if parent else target):
                 os.mknod(target, stat.S_IFCHR, 0, dir_fd=pfd)
                 os.chown(target, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
-            return
-        if stat.S_ISDIR(st.st_mode):
+        elif stat.S_ISDIR(st.st_mode):
+            self._clear_opaque_at(pfd, target)
             os.setxattr(_proc(pfd, target), OVERLAY_OPAQUE, b"y", follow_symlinks=False)
 
     def _hides_something(self, rel: bytes) -> bool:
@@ -1148,8 +1166,18 @@ class _Applier:
             for fd in owned:
                 os.close(fd)
 
+    def _clear_opaque_at(self, pfd: int, base: bytes) -> None:
+        cfd = openat2(pfd, base, O_DIR_PATH | os.O_NOFOLLOW)
+        try:
+            self._clear_opaque(cfd)
+        finally:
+            os.close(cfd)
+
     def _clear_opaque(self, dfd: int) -> None:
-        """Native opaque directory: remove every child that this layer did not put there."""
+        """Opaque directory: remove every child that this layer did not put there (in overlay
+        mode, only copies of lower entries are in the upper and not this layer's)."""
+        if self.overlay and not self.borrowed:
+            return
         st = os.fstat(dfd)
         if (st.st_dev, st.st_ino) in self.opaque_done:
             return
@@ -1165,7 +1193,7 @@ class _Applier:
             os.close(rfd)
         for name in names:
             cst = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if (st.st_dev, st.st_ino, name) not in self.unpacked:
+            if not self._ours((st.st_dev, st.st_ino, name)):
                 self._remove(dfd, name, cst)
             elif stat.S_ISDIR(cst.st_mode):
                 cfd = os.open(name, O_DIR_PATH | os.O_NOFOLLOW, dir_fd=dfd)

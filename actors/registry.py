@@ -1,6 +1,7 @@
 """The one registry of actors: what each is, what it needs, where its code lives.
 
-Start order, health checks, restarts and `berth debug actors` all read this list.
+Health checks, restarts and `berth debug actors` read this list. `requires` names the actors
+each one calls: shown to operators, and kept listed callees first; berthd starts them all at once.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """berthd: the supervisor and request router.
 
-It forks the template before it opens any socket, starts the actors in dependency order, routes
+It forks the template before it opens any socket, starts every actor at once (a call to one not
+registered yet waits in the router's queue for it, so `requires` orders nothing), routes
 requests to them, pings them, restarts the dead with exponential backoff, and tells systemd how
 things stand (READY=1 once every actor answers, WATCHDOG=1 while all are healthy, STOPPING=1).
 Signals become events on its loop through a wakeup pipe.
@@ -17,7 +18,7 @@ import signal
 import sys
 import time
 
-LOG_FORMAT = "%(levelname)s %(name)s[%(process)d]: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 PING_EVERY = 1.0
 HEALTHY_WITHIN = 3.0            # an actor that has not answered a ping for this long is unhealthy
 STABLE_AFTER = 10.0             # an actor up this long has its restart backoff reset
@@ -165,7 +166,7 @@ class Supervisor:
         log.info("berthd %s starting: root %s, state %s, address %s", self._version(),
                  self.config.root, self.config.state, self.config.address)
         self._notify("STATUS=starting actors")
-        self._start_ready_actors()
+        self._start_actors()
         while True:
             for item, _ in poller.poll(100):
                 if item is self.router.front:
@@ -245,10 +246,9 @@ class Supervisor:
                 self.metrics.RESTARTS.labels(a.name).inc()
                 self.template.spawn(a.name)
 
-    def _start_ready_actors(self) -> None:
-        """Start every stopped actor whose dependencies have registered."""
+    def _start_actors(self) -> None:
         for a in self.actors.values():
-            if a.status == "stopped" and all(r in self.router.up for r in a.requires):
+            if a.status == "stopped":
                 a.status = "starting"
                 self.template.spawn(a.name)
 
@@ -258,8 +258,6 @@ class Supervisor:
         self.metrics.ACTORS_UP.set(len(self.router.up))
         log.debug("actor %s registered (pid %d)", name, pid)
         self.router.ping(name)
-        if not self.ready:
-            self._start_ready_actors()
 
     def on_pong(self, name: str, stats: dict) -> None:
         a = self.actors.get(name)

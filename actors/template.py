@@ -41,9 +41,9 @@ def exit_status(wait_status: int) -> int:
 
 
 # Beside the actor modules, what the supervisor, the actors and the shim zygote import anyway.
-PRELOAD = ("zmq", "msgpack", "concurrent.futures.thread", "sdnotify", "tenacity", "prometheus_client", "httpx", "sqlite3", "isal.isal_zlib",
-           "zstandard", "bus.router", "bus.worker", "bus.client", "bus.pubsub", "actors.metrics",
-           "shimd.main", "shimd.zygote")
+PRELOAD = ("zmq", "msgpack", "concurrent.futures.thread", "sdnotify", "tenacity", "prometheus_client",
+           "sqlite3", "isal.isal_zlib", "zstandard", "bus.router", "bus.worker", "bus.client", "bus.pubsub",
+           "actors.metrics", "shimd.main", "shimd.zygote")
 M_ARENA_MAX = -8
 
 

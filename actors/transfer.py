@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -41,10 +42,29 @@ import queue
 import re
 import ssl
 import threading
+import sys
 import time
 from typing import Callable, Iterable, Iterator
 
-import httpx
+
+
+def _lazy_import(name: str):
+    """`name`, loaded at its first use: berthd imports this module at every start, and most of
+    its starts pull nothing."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# httpx's own command line (httpx._main) imports rich's syntax highlighting and pygments when they
+# are installed: a tenth of a second and megabytes, for nothing here.
+sys.modules.setdefault("httpx._main", None)
+httpx = _lazy_import("httpx")
 
 from berth.labels import GC_REF_CONTENT, GC_REF_SNAPSHOT, UNCOMPRESSED
 from berth.version import VERSION

@@ -81,10 +81,10 @@ class Daemon:
     """One berthd for one test: its own root, state and socket; everything it started is killed by pid."""
 
     def __init__(self, env: dict | None = None, metrics: bool = True, args: list[str] = (),
-                 dir: str | None = None):
+                 dir: str | None = None, command: list[str] | None = None):
         """With `dir`, run on another Daemon's root and state (a restart, or a second berthd on the
         same state); that directory stays its creator's to remove, and this one logs to a file of
-        its own in it."""
+        its own in it. `command`: how berthd is started (default: this interpreter, -m)."""
         self.owns_dir = dir is None
         self.dir = tempfile.mkdtemp(prefix="berth-t-", dir="/tmp") if dir is None else dir
         self.root = os.path.join(self.dir, "root")
@@ -97,13 +97,14 @@ class Daemon:
             os.close(fd)
         self.env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
         self.args = ["--metrics-address", "127.0.0.1:0" if metrics else "", *args]
+        self.command = command or [sys.executable, "-m", "actors.supervisor"]
         self.proc: subprocess.Popen | None = None
         self.known_pids: set[int] = set()
 
     def start(self, wait: bool = True, env: dict | None = None) -> "Daemon":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.supervisor", "--root", self.root, "--state", self.state,
+            [*self.command, "--root", self.root, "--state", self.state,
              "--log-level", "debug", *self.args],
             stdout=log, stderr=log, env=dict(self.env, **(env or {})), cwd=REPO)
         log.close()

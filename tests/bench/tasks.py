@@ -107,10 +107,12 @@ def _ratio(berth: float, other: float | None) -> str:
 class Berth:
     def __init__(self):
         from berth.cli import launcher
-        self.d = Daemon(metrics=False).start()
+        self.bin = tempfile.mkdtemp(prefix="berth-bench-bin-", dir="/tmp")
+        self.berth, self.berthd = (os.path.join(self.bin, c) for c in ("berth", "berthd"))
+        for command in ("berth", "berthd"):              # the commands as `make install` writes them
+            launcher.write(command, os.path.join(self.bin, command))
+        self.d = Daemon(metrics=False, command=[self.berthd]).start()
         self.daemons = [self.d]
-        self.berth = os.path.join(self.d.dir, "berth")    # the command as `make install` writes it
-        launcher.write(self.berth)
 
     def cmd(self, *args: str) -> list[str]:
         return [self.berth, "-a", self.d.address, "-n", NS, *args]
@@ -155,7 +157,7 @@ class Berth:
         while any(pid_alive(p) for p in old.known_pids) and time.monotonic() < deadline:
             time.sleep(0.02)
         old.known_pids = {p for p in old.known_pids if pid_alive(p)}
-        self.d = Daemon(metrics=False, dir=old.dir)
+        self.d = Daemon(metrics=False, dir=old.dir, command=[self.berthd])
         self.daemons.append(self.d)
         started = time.perf_counter()
         self.d.start(wait=False)
@@ -187,6 +189,7 @@ class Berth:
             _kill_pids(shims.values())
             for d in reversed(self.daemons):
                 d.cleanup()
+            shutil.rmtree(self.bin, ignore_errors=True)
 
 
 # --- containerd -----------------------------------------------------------------------------------

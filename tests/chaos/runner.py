@@ -103,7 +103,7 @@ def _run(cluster: Cluster, berth: Berth, rng: random.Random, duration: float, cl
         killer.stop()
         say("stopping: no new runs; those under way finish")
         stuck = workload.stop(RUN_DEADLINE + 60)
-        violations += [f"workload thread {name} did not end" for name in stuck]
+        violations += [f"workload thread {t.name} did not end; it is at:\n{_stack(t)}{_router(client)}" for t in stuck]
         _progress(workload, cluster, say)
         wait_until(lambda: not spools.pending(), SPOOL_DRAIN, 0.05, "every spooled event to be delivered")
         head = client.events.head()
@@ -132,6 +132,22 @@ def _run(cluster: Cluster, berth: Berth, rng: random.Random, duration: float, cl
     violations += invariants.check(ctx, invariants.ONCE_EMPTY)
     client.close()
     return list(dict.fromkeys(violations)), ctx.notes + _summary(workload, killer, cluster)
+
+
+def _stack(thread: threading.Thread) -> str:
+    import sys
+    import traceback
+    frame = sys._current_frames().get(thread.ident)
+    return "".join(traceback.format_stack(frame)) if frame else "(gone)\n"
+
+
+def _router(client: Client) -> str:
+    """What berthd's router holds: requests in flight, queued per actor."""
+    from bus.errors import BerthError
+    try:
+        return f"berthd's router: {client.actors()['router']}"
+    except BerthError as e:
+        return f"berthd's router did not answer: {e}"
 
 
 def _progress(workload: Workload, cluster: Cluster, say) -> None:

@@ -436,13 +436,13 @@ class Workload:
     def in_flight(self) -> int:
         return sum(1 for o in self.outcomes() if not o.done and o.status is None)
 
-    def stop(self, timeout: float) -> list[str]:
+    def stop(self, timeout: float) -> list[Worker]:
         """Start nothing new, let what is under way finish; the threads that did not end."""
         self.env.stop.set()
         deadline = time.monotonic() + timeout
         for thread in [*self.clients, self.execs, self.puller]:
             thread.join(max(0.0, deadline - time.monotonic()))
-        return [t.name for t in [*self.clients, self.execs, self.puller] if t.is_alive()]
+        return [t for t in [*self.clients, self.execs, self.puller] if t.is_alive()]
 
     def stop_subscribers(self, head: int, timeout: float) -> list[str]:
         for sub in self.subscribers:
