@@ -54,11 +54,11 @@ import time
 from typing import Callable
 
 from actors import checkpoint as checkpoints
-from bus.errors import (AlreadyExists, BerthError, DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                        NotFound, Unavailable)
+from bus.errors import (AlreadyExists, BerthError, DeadlineExceeded, FailedPrecondition, Internal,
+                        InvalidArgument, NotFound, ResourceExhausted, Unavailable)
 from bus import failpoints
 from bus.validate import Identifier, check_digest, check_identifier
-from bus.worker import Actor, Call, method
+from bus.worker import Actor, Call, Deferred, method
 
 log = logging.getLogger("berth.runtime")
 
@@ -68,6 +68,7 @@ SHIM_EXIT_GRACE = 10.0             # how long a deleted task's shim may take to 
 STATE_TIMEOUT = 5.0                # a shim that does not answer `state` this fast is reported as unknown
 REPLY_GRACE = 0.5                  # a reply sent just before the shim exited may still be on its way
 WAIT_CAP = 5.0                     # seconds one `wait` request is held before the client is told to ask again
+MAX_WAITS = 1024                   # wait requests held at once; beyond, ResourceExhausted
 TOMBSTONES = 4096                  # exits of tasks cleaned up after their shim died, kept for `wait`
 KILLED = 137                       # 128 + SIGKILL
 RUNTIMES = ("runc", "crun")
@@ -938,21 +939,28 @@ class RuntimeActor(Actor):
     metadata and snapshot actors."""
 
     name = "runtime"
-    pool_size = 64             # waits hold a thread each for as long as the client allows
+    pool_size = 16
 
     def __init__(self, tasks: TaskManager):
         self.tasks = tasks
+        # Waits block for as long as the client allows: on threads of their own, not the pool's,
+        # whose every thread they could otherwise hold while creates and deletes queue behind.
+        self.waits = concurrent.futures.ThreadPoolExecutor(MAX_WAITS, thread_name_prefix="runtime-wait")
+        self.waits_lock = threading.Lock()
+        self.waiting = 0
 
     def on_start(self) -> None:
         self.tasks.begin()
 
     def on_stop(self) -> None:
+        self.waits.shutdown(wait=False, cancel_futures=True)
         self.tasks.close()
         self.tasks.zygote.close()
         self.tasks.publisher.close()
 
     def stats(self) -> dict:
-        return self.tasks.stats()
+        with self.waits_lock:
+            return dict(self.tasks.stats(), waits=self.waiting)
 
     def _resolve(self, ns: str, container_id: str) -> Callable[[], tuple[dict, list[dict]]]:
         def resolve():
@@ -1009,13 +1017,32 @@ class RuntimeActor(Actor):
     def metrics(self, ns, container_id: Identifier) -> dict:
         return self.tasks.metrics(ns, container_id)
 
-    @method(blocking=True)
-    def wait(self, ns, call: Call, container_id: Identifier, exec_id: str = "") -> dict:
-        """Blocks until the exit, or DeadlineExceeded (ask again) just before the request's deadline
-        or after WAIT_CAP seconds, whichever is first: a wait holds one of the pool's threads, and
-        the actor cannot stop while one is held."""
+    @method
+    def wait(self, ns, call: Call, container_id: Identifier, exec_id: str = "") -> Deferred:
+        """The exit, once there is one; or DeadlineExceeded (ask again) just before the request's
+        deadline or after WAIT_CAP seconds, whichever is first."""
         deadline = min((call.deadline or time.time() + WAIT_CAP) - 0.25, time.time() + WAIT_CAP)
-        return self.tasks.wait(ns, container_id, exec_id, deadline)
+        with self.waits_lock:
+            if self.waiting >= MAX_WAITS:
+                raise ResourceExhausted(f"{MAX_WAITS} waits are held already; ask again")
+            self.waiting += 1
+        deferred = Deferred()
+
+        def run() -> None:
+            result = error = None
+            try:
+                result = self.tasks.wait(ns, container_id, exec_id, deadline)
+            except BerthError as e:
+                error = e
+            except Exception:
+                log.exception("runtime.wait failed")
+                error = Internal("runtime.wait: internal error")
+            finally:
+                with self.waits_lock:
+                    self.waiting -= 1
+            self.worker.resolve_soon(deferred, result, error)
+        self.waits.submit(run)
+        return deferred
 
     @method(blocking=True)
     def state(self, ns, container_id: Identifier) -> dict:

@@ -132,6 +132,8 @@ class _Parser:
             return Selector(tuple(path), operator, value, re.compile(value))
         except re.error as e:
             self.fail(f"bad regular expression: {e.msg}", start + (e.pos or 0))
+        except (OverflowError, RecursionError):     # a{4294967296}; thousands of nested groups
+            self.fail("regular expression too large or nested too deeply", start)
 
     def field(self) -> str:
         self.skip_space()

@@ -159,6 +159,12 @@ class Worker:
         reply = Reply.failure(deferred.call.id, error) if error else Reply(deferred.call.id, result=result)
         self._send_reply(deferred.route, reply, [])
 
+    def resolve_soon(self, deferred: "Deferred", result: object = None, error: BerthError | None = None) -> None:
+        """`resolve` from any thread: done on the loop, once the method that made `deferred` has
+        returned it."""
+        self.outbox.put((deferred, result, error))
+        self._wake()
+
     def add_reader(self, sock, fn: Callable[[], None]) -> None:
         self.readers[sock] = fn
 
@@ -301,6 +307,9 @@ class Worker:
 
     def _post_reply(self, route, reply, frames) -> None:
         self.outbox.put((route, reply, frames))
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             os.write(self.wake_w, b"x")
         except BlockingIOError:
@@ -314,6 +323,8 @@ class Worker:
                 return
             if item is None:
                 self.in_flight -= 1
+            elif isinstance(item[0], Deferred):
+                self.resolve(*item)
             else:
                 self._send_reply(*item)
 

@@ -55,8 +55,11 @@ def outcomes(ctx: Context) -> list[str]:
     for o in ctx.outcomes:
         if o.cli_crash:
             found.append(f"{o.describe()}: berth run crashed:\n{o.cli_crash}")
-        if not o.done:
-            found.append(f"{o.describe()} did not finish in {o.took:.0f}s (status {o.status}); "
+        if not o.ended:
+            found.append(f"{o.describe()} never ended: its client is stuck (status {o.status}); "
+                         f"errors so far: {o.errors[-3:]}")
+        elif not o.done:
+            found.append(f"{o.describe()} was given up after {o.took:.0f}s (status {o.status}); "
                          f"last errors: {o.errors[-3:]}")
         elif o.status != o.expected:
             found.append(f"{o.describe()} exited {o.status}, expected {o.expected}; errors: {o.errors[-3:]}")

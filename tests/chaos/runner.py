@@ -153,8 +153,10 @@ def _router(client: Client) -> str:
 def _progress(workload: Workload, cluster: Cluster, say) -> None:
     outcomes = workload.outcomes()
     done = sum(o.done for o in outcomes)
-    say(f"{done} runs and execs done, {len(outcomes) - done} under way, {sum(o.retries for o in outcomes)} "
-        f"retries; {cluster.actor_kills} actors killed, berthd restarted {cluster.restarts} times")
+    failed = sum(o.ended and not o.done for o in outcomes)
+    say(f"{done} runs and execs done, {failed} failed, {len(outcomes) - done - failed} under way, "
+        f"{sum(o.retries for o in outcomes)} retries; {cluster.actor_kills} actors killed, "
+        f"berthd restarted {cluster.restarts} times")
 
 
 def _summary(workload: Workload, killer: Killer, cluster: Cluster) -> list[str]:

@@ -26,6 +26,7 @@ from tests.support import REPO, wait_until
 
 RUN_DEADLINE = 300.0      # seconds one run or exec may take, its retries and a daemon restart included
 WAIT_SLICE = 20.0         # one wait for an exit, before the task's state is looked at again
+NEW_GRACE = 30.0          # a task still "new" after this long will never be created: no create is under way
 CLI_SHARE = 0.25          # the share of runs made by the `berth` CLI rather than the library
 CLI_TIMEOUT = 240.0
 CALL_TIMEOUT = 30.0
@@ -37,6 +38,10 @@ KILLED = 137              # 128 + SIGKILL: how the long-running containers end
 
 class Retry(Exception):
     """A state the driver cannot act on yet (a task being created or deleted): look again."""
+
+
+class Wedged(Exception):
+    """A state no client can take a container out of: reported, not retried."""
 
 
 @dataclasses.dataclass
@@ -52,6 +57,7 @@ class Outcome:
     errors: list[str] = dataclasses.field(default_factory=list)
     cli_crash: str = ""                     # a traceback the CLI printed instead of an error line
     took: float = 0.0
+    ended: bool = False                     # its client has moved on: done, or given up
 
     @property
     def key(self) -> tuple[str, str]:
@@ -61,6 +67,9 @@ class Outcome:
     def describe(self) -> str:
         what = f"exec {self.exec_id} in {self.container_id}" if self.exec_id else f"run {self.container_id}"
         return f"{what} ({self.via})"
+
+    def end(self, started: float) -> None:
+        self.took, self.ended = time.monotonic() - started, True
 
     def note(self, error: BaseException | str) -> None:
         self.retries += 1
@@ -82,6 +91,9 @@ def persist(client: Client, outcome: Outcome, step, deadline: float) -> None:
             outcome.note(e)
         except (BerthError, Retry) as e:
             outcome.note(e)
+        except Wedged as e:
+            outcome.note(e)
+            return
         if time.monotonic() > deadline:
             return
         time.sleep(backoff)                 # a retry's backoff, not a wait for some state
@@ -129,6 +141,7 @@ class RunDriver:
         self.client, self.image, self.outcome, self.args = client, image, outcome, args
         self.spools, self.since = spools, since
         self.maybe_ran = False      # a cut-off CLI run: the task may have run and been deleted
+        self.new_since: float | None = None
 
     @property
     def id(self) -> str:
@@ -154,6 +167,14 @@ class RunDriver:
         if state["status"] == "created":
             with contextlib.suppress(FailedPrecondition):     # a start redelivered finds it started
                 task.start()
+        elif state["status"] == "new":
+            # Its shim is up, its container not created: a create is under way, or the one that
+            # spawned the shim was cut off and nothing will create it (nor can it be deleted).
+            self.new_since = self.new_since or time.monotonic()
+            if time.monotonic() - self.new_since > NEW_GRACE:
+                raise Wedged(f"task {self.id} has been new for {NEW_GRACE:.0f}s: its container is never "
+                             "created, and a task that is new can be neither created again nor deleted")
+            raise Retry(f"task {self.id} is new")
         elif state["status"] not in ("running", "stopped"):
             raise Retry(f"task {self.id} is {state['status']}")
         return task.wait(timeout=WAIT_SLICE)
@@ -274,11 +295,11 @@ class RunClient(Worker):
             status = self.cli_run(outcome)
             if status is not None:
                 outcome.status, outcome.done = status, True
-                outcome.took = time.monotonic() - started
+                outcome.end(started)
                 return
             driver.maybe_ran = True
         persist(client, outcome, driver.step, started + RUN_DEADLINE)
-        outcome.took = time.monotonic() - started
+        outcome.end(started)
 
     def cli_run(self, outcome: Outcome) -> int | None:
         """`berth run --rm`: its exit status, or None if it failed on its way (noted)."""
@@ -320,7 +341,7 @@ class ExecClient(Worker):
                 started = time.monotonic()
                 persist(client, outcome, ExecDriver(client, outcome, exit_args(outcome.expected)).step,
                         started + RUN_DEADLINE)
-                outcome.took = time.monotonic() - started
+                outcome.end(started)
         finally:
             client.close()
 
@@ -433,9 +454,6 @@ class Workload:
     def outcomes(self) -> list[Outcome]:
         return [o for c in self.clients for o in c.outcomes] + self.execs.outcomes
 
-    def in_flight(self) -> int:
-        return sum(1 for o in self.outcomes() if not o.done and o.status is None)
-
     def stop(self, timeout: float) -> list[Worker]:
         """Start nothing new, let what is under way finish; the threads that did not end."""
         self.env.stop.set()
@@ -463,6 +481,8 @@ class Workload:
                     with contextlib.suppress(NotFound):       # exited already
                         Task(client, driver.id).kill(9)
                 driver.step()
-            persist(client, outcome, step, time.monotonic() + RUN_DEADLINE)
+            started = time.monotonic()
+            persist(client, outcome, step, started + RUN_DEADLINE)
+            outcome.end(started)
             ended.append(outcome)
         return ended

@@ -133,11 +133,11 @@ def test_a_shim_killed_with_sigkill_is_cleaned_up(berth):
     berth.cli("tasks", "rm", cid)
 
 
-def _waiting(berth) -> bool:
-    """The runtime actor has a request in hand (the waiter's)."""
+def _waiting(berth, count: int = 1) -> bool:
+    """The runtime actor holds `count` waits."""
     for actor in berth.client.actors()["actors"]:
         if actor["name"] == "runtime":
-            return actor["stats"].get("in_flight", 0) >= 1
+            return (actor.get("stats") or {}).get("waits", 0) >= count
     return False
 
 
@@ -161,3 +161,41 @@ def test_exec_of_a_missing_binary_leaks_nothing(berth):
                what=f"descriptors back to {baseline}, at {(fd_count(shim), fd_count(runtime))}")
     assert berth.client.tasks.state(cid)["execs"] == {}
     assert berth.cli("tasks", "exec", cid, "echo", "fine").stdout == "fine\n"
+
+
+def test_many_waits_do_not_hold_up_other_requests(berth):
+    """A hundred clients waiting on one task: creates, starts and execs of another go on (each
+    within a deadline shorter than a wait is held), and every wait gets the exit."""
+    import threading
+    waited = unique()
+    start_detached(berth, waited)
+    results, errors = [], []
+
+    def wait() -> None:
+        client = berth.daemon.client(berth.ns, timeout=60)
+        try:
+            results.append(client.tasks.get(waited).wait(timeout=60))
+        except Exception as e:                      # reported by the assertion below
+            errors.append(e)
+        finally:
+            client.close()
+    threads = [threading.Thread(target=wait) for _ in range(100)]
+    for t in threads:
+        t.start()
+
+    wait_until(lambda: _waiting(berth, 100), 30, what="100 waits held by the runtime actor")
+
+    other = unique()
+    quick = berth.daemon.client(berth.ns, timeout=4)      # less than the 5 s a wait is held
+    try:
+        container = quick.containers.new(other, berth.image, args=["sleep", "1000"])
+        task = container.new_task()
+        task.start()
+        assert task.exec("e1", ["true"]).start() > 0
+        assert {t["container_id"] for t in quick.tasks.list()} == {waited, other}
+    finally:
+        quick.close()
+    berth.cli("tasks", "kill", "-s", "9", waited)
+    for t in threads:
+        t.join(60)
+    assert errors == [] and results == [137] * 100
