@@ -326,6 +326,7 @@ class TaskRecord:
     shim: ShimClient | None = None
     gone: threading.Event = dataclasses.field(default_factory=threading.Event)
     result: dict | None = None              # set when the task was cleaned up after its shim died
+    abandoned: bool = False                 # its shim was never asked to create: shut it down
     stdio: dict = dataclasses.field(default_factory=dict)   # the FIFOs (or files) it was created with
 
     @property
@@ -445,7 +446,7 @@ class TaskManager:
         for rec in dead:
             self._job(self._cleanup_dead, rec)
         for rec in deleted:
-            self._job(self._finish_delete, rec)
+            self._job(self._shut_down if rec.abandoned else self._finish_delete, rec)
 
     def close(self) -> None:
         self.closing = True
@@ -520,6 +521,10 @@ class TaskManager:
                 log.info("adopted the shim of %s (pid %d): %s", rec.describe(), pid, state.get("status"))
                 if state.get("status") == "deleted":
                     rec.phase = DELETING          # deleted just before berthd went: finish that
+                elif state.get("status") == "new":
+                    # berthd went between spawning the shim and its create, or during it: nobody
+                    # waits for this task any more (a create sent again makes a new one).
+                    rec.phase, rec.abandoned = DELETING, True
                 else:
                     rec.phase = RUNNING
                     with contextlib.suppress(FileNotFoundError):
@@ -630,6 +635,7 @@ class TaskManager:
             failpoints.fail("runtime.create")     # the bundle made and mounted, no shim yet
             pid = self.zygote.spawn(ns, id, rec.dir, rec.dir, rec.runtime, {"log_level": self.log_level})
             rec.shim = ShimClient(rec.dir, pid, _pidfd(pid))
+            failpoints.fail("runtime.spawn")      # the shim serving, not yet asked to create
             with self.lock:
                 rec.phase = RUNNING
             self._wake()
@@ -727,6 +733,15 @@ class TaskManager:
             else:
                 return
         self._job(self._cleanup_dead, rec)
+
+    def _shut_down(self, rec: TaskRecord) -> None:
+        """A shim whose create was cut off: stop it (once any create under way is done: the
+        runtime's container goes too), then clean up as after a delete."""
+        try:
+            self._call(rec, "shutdown", {"force": True}, timeout=SHIM_CALL_TIMEOUT * 2)
+        except BerthError as e:
+            log.warning("shutting down the shim of %s: %s", rec.describe(), e)
+        self._finish_delete(rec)
 
     def _finish_delete(self, rec: TaskRecord) -> None:
         """After a delete: once the shim has exited (it delivers its last events and deletes the

@@ -18,6 +18,7 @@ from bus.envelope import Reply, Request
 from bus.errors import BerthError, DeadlineExceeded, Unavailable
 
 DEFAULT_TIMEOUT = 30.0
+RESTART_CHECK = 1.0        # seconds between looks at whether berthd's socket is still the same one
 
 
 def zmq_address(address: str) -> str:
@@ -56,6 +57,8 @@ class Connection:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(zmq_address(address))
         self.ids = itertools.count(1)
+        self.path = socket_path(address)
+        self.listener = _identity(self.path)
 
     def close(self) -> None:
         self.sock.close()
@@ -108,8 +111,11 @@ class Connection:
     def _recv(self, rid: int, deadline: float, what: str) -> tuple[Reply, list[bytes]]:
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.sock.poll(int(remaining * 1000) + 1):
+            if remaining <= 0:
                 raise DeadlineExceeded(f"{what}: no answer from berthd at {self.address} in time")
+            if not self.sock.poll(int(min(remaining, RESTART_CHECK) * 1000) + 1):
+                self._check_listener(what)
+                continue
             frames = self.sock.recv_multipart()
             try:
                 reply = Reply.decode(frames[0])
@@ -118,6 +124,28 @@ class Connection:
             if reply.id == rid or reply.id is None:
                 return reply, frames[1:]
             # A late answer to an earlier request that timed out: not ours.
+
+
+    def _check_listener(self, what: str) -> None:
+        """A berthd that went (killed, restarted) took the requests it held with it: rather than
+        wait out the deadline, say so (Unavailable: an idempotent call is sent again)."""
+        now = _identity(self.path)
+        if self.listener is None:
+            self.listener = now
+        elif now != self.listener:
+            self.listener = now
+            raise Unavailable(f"{what}: berthd at {self.address} went away with the request "
+                              "(it may or may not have been done)")
+
+
+def _identity(path: str | None) -> tuple[int, int, int] | None:
+    """Which socket file is at `path` (berthd makes a new one at each start; its inode number
+    may be the old one's, its change time is not)."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_dev, st.st_ino, st.st_ctime_ns) if st else None
 
 
 def call(address: str, service: str, method: str, args: dict | None = None, **kw):

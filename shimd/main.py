@@ -579,17 +579,18 @@ class Shim:
             self.runtime.checkpoint(self.id, path, work, leave_running=not exit)
 
     def shutdown(self, force: bool = False) -> None:
-        with self.lock:
-            status = self.task.init.status
-        if status not in (Status.NEW, Status.DELETED):
-            if not force:
-                raise FailedPrecondition(f"task {self.id} is {status}: delete it first, or shut down with force")
-            log.warning("%s/%s: forced shutdown of a %s task", self.namespace, self.id, status)
-            try:
-                self.runtime.delete(self.id, force=True)
-            except NotFound:
-                pass
-        self.done = True
+        with self.op_lock:                          # after a create or delete under way
+            with self.lock:
+                status = self.task.init.status
+            if status not in (Status.NEW, Status.DELETED):
+                if not force:
+                    raise FailedPrecondition(f"task {self.id} is {status}: delete it first, or shut down with force")
+                log.warning("%s/%s: forced shutdown of a %s task", self.namespace, self.id, status)
+                try:
+                    self.runtime.delete(self.id, force=True)
+                except NotFound:
+                    pass
+            self.done = True
 
     # --- the end --------------------------------------------------------------------------
 

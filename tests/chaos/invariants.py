@@ -1,8 +1,9 @@
 """The invariants checked once the chaos is over. Each check returns its violations, one line each.
 
-Checks of what is on disk are evaluated again until they find nothing or SETTLE seconds pass: a
-deleted task's directory and shim go a moment after the delete returns, and GC runs a second
-after a deletion, so only what is still wrong after that is a violation.
+Checks of what is on disk are evaluated again until they find nothing or SETTLE seconds have
+passed since the first began: a deleted task's directory and shim go a moment after the delete
+returns (a shim that does not exit is killed after 10 s), and GC runs a second after a deletion,
+so only what is still wrong after that is a violation.
 """
 from __future__ import annotations
 
@@ -38,8 +39,7 @@ class Context:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def settled(check, ctx: Context, timeout: float = SETTLE) -> list[str]:
-    deadline = time.monotonic() + timeout
+def settled(check, ctx: Context, deadline: float) -> list[str]:
     while True:
         found = check(ctx)
         if not found or time.monotonic() > deadline:
@@ -295,7 +295,9 @@ ON_DISK = {tasks_and_containers, mounts, shims, runtime_state, snapshot_director
 
 
 def check(ctx: Context, checks) -> list[str]:
+    """Run `checks` in order; those of ON_DISK are given SETTLE seconds between them all to pass."""
+    deadline = time.monotonic() + SETTLE
     found = []
     for fn in checks:
-        found += [f"{fn.__name__}: {line}" for line in (settled(fn, ctx) if fn in ON_DISK else fn(ctx))]
+        found += [f"{fn.__name__}: {line}" for line in (settled(fn, ctx, deadline) if fn in ON_DISK else fn(ctx))]
     return found

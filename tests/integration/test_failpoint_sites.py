@@ -18,7 +18,7 @@ from bus.errors import BerthError, NotFound, Unavailable
 from bus.failpoints import CRASH_EXIT
 from tests.integration import test_run
 from tests.integration.test_run import mounts_under, unique
-from tests.support import pid_alive, wait_until
+from tests.support import pid_alive, proc_title, wait_until
 
 berth = test_run.berth             # the fixture: a berthd, a namespace, busybox pulled, cleanup
 
@@ -298,3 +298,28 @@ def test_task_sites_fire_and_tasks_are_cleaned_up(berth):
                              "shim.create": "0*crash", "shim.start": "0*crash",
                              "events.publish.tasks.exit": "0*crash", "shim.delete": "0*crash",
                              "runtime.delete": "0*crash"}
+
+
+def test_a_create_cut_off_once_the_shim_serves_is_done_again(berth):
+    """runtime.spawn crash: the runtime actor dies with the task's shim serving and nothing
+    created. The new one finds that shim, shuts it down and cleans up, and the redelivered
+    create makes the task afresh: one shim, one rootfs mount, and it runs."""
+    d, client = berth.daemon, berth.client
+    set_failpoint(d, "runtime.spawn", "1*crash")
+    berth.cli("run", "-d", berth.image, "c7", "sleep", "1000")
+    assert restarts(d)["runtime"] == 1
+    state = client.tasks.state("c7")
+    assert state["status"] == "running"
+    title = f"berth-shim: {berth.ns}/c7"
+    wait_until(lambda: [p for p in _pids() if proc_title(p) == title] == [state["shim_pid"]], 15,
+               what="the cut-off create's shim to be gone")
+    assert mounts_under(berth.task_dir("c7")) == [os.path.realpath(os.path.join(berth.task_dir("c7"), "rootfs"))]
+    assert failpoints(d) == {"runtime.spawn": "0*crash"}
+    berth.cli("tasks", "kill", "-s", "9", "c7")
+    assert berth.cli("tasks", "wait", "c7", check=False).returncode == 137
+    berth.cli("tasks", "rm", "c7")
+    berth.assert_gone("c7")
+
+
+def _pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]

@@ -192,3 +192,35 @@ def test_event_log_survives_a_daemon_restart(daemon, make_daemon, stop):
     assert replayed == published               # same seqs, timestamps, ids and bodies
     assert client.events.publish("/test/thing", {"n": 5}) == head + 1
     assert [e["seq"] for e in client.events.replay(head)] == [head + 1]
+
+
+def test_a_request_held_when_berthd_is_killed_fails_fast_or_is_sent_again(daemon, make_daemon):
+    """The berthd holding a request is killed and another starts: the client does not wait out
+    its deadline. A plain call says Unavailable (it may or may not have been done); an idempotent
+    one is sent again to the new berthd and answered."""
+    from bus.client import Connection
+    from bus.errors import Unavailable
+    client = daemon.client(timeout=10)
+    client.set_failpoint("worker.dispatch.metadata.list_namespaces", "2*delay(60000)")
+    held = concurrent.futures.ThreadPoolExecutor(2)
+
+    def call(idempotent: bool):
+        conn = Connection(daemon.address, timeout=120)
+        try:
+            return conn.call("metadata", "list_namespaces", idempotent=idempotent)
+        finally:
+            conn.close()
+    plain, retried = held.submit(call, False), held.submit(call, True)
+    wait_until(lambda: _held(client) >= 2, 15, what="both requests held by the metadata actor")
+    daemon.kill9()
+    wait_until(lambda: not any(pid_alive(p) for p in daemon.known_pids), 15, what="the old berthd's processes to go")
+    make_daemon(dir=daemon.dir).start()
+    with pytest.raises(Unavailable, match="went away with the request"):
+        plain.result(timeout=60)
+    assert isinstance(retried.result(timeout=60), list)
+    held.shutdown()
+
+
+def _held(client) -> int:
+    """Requests the router has forwarded and not seen answered."""
+    return client.actors()["router"]["in_flight"]
