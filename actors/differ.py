@@ -7,8 +7,10 @@ new snapshot and `write_changes` to turn a committed snapshot back into a layer 
 Two layouts, chosen by `mode`:
 
     overlay   `root` is the upper directory of a new overlayfs layer; the lowers are not visible
-              in it. OCI whiteouts become overlay whiteouts (0:0 character devices), opaque
-              markers become `trusted.overlay.opaque=y`.
+              in it. OCI whiteouts become overlay whiteouts (0:0 character devices) where a
+              lower layer has something to hide, opaque markers become
+              `trusted.overlay.opaque=y` (on the root, where overlayfs does not read it, also
+              a whiteout for each name below).
     native    `root` is a full copy of the parent tree; whiteouts delete, opaque markers clear
               what the lower layers put in the directory.
 

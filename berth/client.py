@@ -506,12 +506,27 @@ class Containers:
                 made = self.create(id, runtime=runtime, spec=spec, image=name,
                                    snapshotter=snapshotter if image is not None else "",
                                    snapshot_key=id if image is not None else "", labels=labels)
-            except BaseException:
-                if image is not None:
-                    with contextlib.suppress(BerthError):
-                        client.snapshots.remove(id, snapshotter=snapshotter)
-                raise
+            except BaseException as e:
+                made = None
+                if isinstance(e, BerthError):
+                    made = self._made_anyway(id, spec, snapshotter if image is not None else "")
+                if made is None:
+                    if image is not None:
+                        with contextlib.suppress(BerthError):
+                            client.snapshots.remove(id, snapshotter=snapshotter)
+                    raise
         return Container(client, made)
+
+    def _made_anyway(self, id: str, spec: dict | None, snapshotter: str) -> dict | None:
+        """After a create that failed: the record, if it is this create's all the same (berthd
+        went away after making it, and the create sent again found it there)."""
+        try:
+            record = self.get(id)
+        except BerthError:
+            return None
+        ours = (record.get("spec") == spec and record.get("snapshotter", "") == snapshotter
+                and record.get("snapshot_key", "") == (id if snapshotter else ""))
+        return record if ours else None
 
     def _spec(self, id: str, config: dict | None, spec_opts, mounts: list[dict], args: list[str] | None) -> dict:
         from berth import oci
