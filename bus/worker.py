@@ -233,6 +233,11 @@ class Worker:
                 return
             if self.direct:
                 if len(frames) >= 2:
+                    try:
+                        codec.check_frames(frames[1:])       # the router's limits, here without one
+                    except BerthError as e:
+                        self._send_reply([b"", frames[0]], Reply.failure(None, e), [])
+                        continue
                     self._on_request(b"", frames[0], frames[1], frames[2:])
                 continue
             kind = frames[0]

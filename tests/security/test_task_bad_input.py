@@ -446,3 +446,30 @@ def test_dev_symlinked_out_of_the_root_touches_nothing_outside(berth, registry, 
     assert not points & over_host, points & over_host
     assert mounts_mentioning(berth.daemon.dir) == []
     still_serving(berth)
+
+
+def test_a_shims_socket_holds_to_the_routers_limits(berth):
+    """The shim's own socket takes berthd's requests without the router in between: a message
+    of too many frames, or with a frame over the size limit, is refused there as the router
+    refuses it, and the shim serves on."""
+    import zmq
+
+    from bus import codec
+    from bus.envelope import Reply, Request
+    cid = unique()
+    berth.cli("run", "-d", berth.image, cid, "sleep", "1000")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"ipc://{berth.task_dir(cid)}/shim.sock")
+    try:
+        def ask(*bulk: bytes) -> Reply:
+            header = Request(1, "shim", "state", None, None, time.time() + 30, {}).encode()
+            sock.send_multipart([header, *bulk])
+            assert sock.poll(30_000), "the shim did not answer"
+            return Reply.decode(sock.recv_multipart()[0])
+        for bulk in ([b"x"] * codec.MAX_FRAMES, [b"x" * (codec.MAX_BULK_FRAME + 1)]):
+            reply = ask(*bulk)
+            assert not reply.ok and reply.error["code"] == "ResourceExhausted"
+        assert ask().unwrap()["status"] == "running"
+    finally:
+        sock.close()
