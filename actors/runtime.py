@@ -69,6 +69,7 @@ STATE_TIMEOUT = 5.0                # a shim that does not answer `state` this fa
 REPLY_GRACE = 0.5                  # a reply sent just before the shim exited may still be on its way
 WAIT_CAP = 5.0                     # seconds one `wait` request is held before the client is told to ask again
 MAX_WAITS = 1024                   # wait requests held at once; beyond, ResourceExhausted
+RECOVER_CONCURRENCY = 8            # shims asked at once when berthd starts again
 TOMBSTONES = 4096                  # exits of tasks cleaned up after their shim died, kept for `wait`
 KILLED = 137                       # 128 + SIGKILL
 RUNTIMES = ("runc", "crun")
@@ -483,9 +484,11 @@ class TaskManager:
     # --- finding the shims again -----------------------------------------------------------
 
     def recover(self) -> None:
-        """Read every task directory: adopt the live shims, note the dead ones for `begin`."""
+        """Read every task directory: adopt the live shims, note the dead ones for `begin`.
+        The shims are asked how they are several at a time: a restart waits for the slowest."""
         if not os.path.isdir(self.tasks_dir):
             return
+        found = []
         for ns in sorted(os.listdir(self.tasks_dir)):
             ns_dir = os.path.join(self.tasks_dir, ns)
             if not os.path.isdir(ns_dir):
@@ -497,10 +500,16 @@ class TaskManager:
                 except InvalidArgument:
                     log.warning("ignoring %s: not a task directory", os.path.join(ns_dir, id))
                     continue
-                try:
-                    self._recover_one(ns, id, os.path.join(ns_dir, id))
-                except Exception:
-                    log.exception("recovering task %s/%s failed", ns, id)
+                found.append((ns, id, os.path.join(ns_dir, id)))
+
+        def recover_one(ns: str, id: str, task_dir: str) -> None:
+            try:
+                self._recover_one(ns, id, task_dir)
+            except Exception:
+                log.exception("recovering task %s/%s failed", ns, id)
+        with concurrent.futures.ThreadPoolExecutor(RECOVER_CONCURRENCY, thread_name_prefix="recover") as pool:
+            for task in found:
+                pool.submit(recover_one, *task)
 
     def _recover_one(self, ns: str, id: str, task_dir: str) -> None:
         info = _read_json(os.path.join(task_dir, "task.json")) or {}
@@ -529,18 +538,18 @@ class TaskManager:
                     rec.phase = RUNNING
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(rec.path("deleting"))     # that delete was refused
-                self.adopted += 1
             except Unavailable:
                 alive = False
             except DeadlineExceeded:
                 # Alive but not answering: keep it (a request may get through later), and say so.
                 log.warning("the shim of %s (pid %d) does not answer; keeping it", rec.describe(), pid)
                 rec.phase = RUNNING
-                self.adopted += 1
         if not alive:
             log.warning("the shim of %s is gone (pid %s); cleaning up", rec.describe(), pid or "unknown")
             rec.phase = DEAD
-        self.tasks[rec.key] = rec
+        with self.lock:
+            self.tasks[rec.key] = rec
+            self.adopted += alive
 
     # --- watching the shims ----------------------------------------------------------------
 
