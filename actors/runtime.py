@@ -648,8 +648,10 @@ class TaskManager:
             with self.lock:
                 rec.phase = RUNNING
             self._wake()
-            return self._call(rec, "create", {"stdin": stdin, "stdout": stdout, "stderr": stderr,
-                                              "terminal": terminal, "checkpoint": image_path})
+            created = self._call(rec, "create", {"stdin": stdin, "stdout": stdout, "stderr": stderr,
+                                                 "terminal": terminal, "checkpoint": image_path})
+            failpoints.fail("runtime.created")    # the task created, its answer not yet sent
+            return created
         except BaseException:
             self._abandon(rec)
             raise
@@ -866,7 +868,28 @@ class TaskManager:
     # --- the rest: relayed to the shim -----------------------------------------------------------
 
     def start(self, ns: str, id: str, exec_id: str = "") -> dict:
-        return self._call(self._get(ns, id), "start", {"exec_id": exec_id})
+        result = self._call(self._get(ns, id), "start", {"exec_id": exec_id})
+        failpoints.fail("runtime.started")        # the task started, its answer not yet sent
+        return result
+
+    # --- requests delivered again (their first actor died holding them) -------------------------
+
+    def created(self, ns: str, id: str, stdio: dict) -> dict | None:
+        """What a create that is being done again did the first time: the task, if it is there
+        with the same stdio; None if it is not this create's."""
+        with self.lock:
+            rec = self.tasks.get((ns, id))
+        if rec is None or rec.phase != RUNNING or rec.stdio != stdio:
+            return None
+        state = self._call(rec, "state", timeout=STATE_TIMEOUT)
+        return {"pid": state.get("pid", 0)} if state.get("status") != "new" else None
+
+    def started(self, ns: str, id: str) -> dict | None:
+        """What a start of the init that is being done again did the first time: the init's pid,
+        if it was started (it may have exited since)."""
+        rec = self._get(ns, id)
+        state = self._call(rec, "state", timeout=STATE_TIMEOUT)
+        return {"pid": state.get("pid", 0)} if state.get("status") in ("running", "paused", "stopped") else None
 
     def kill(self, ns: str, id: str, signal: int = 15, all: bool = False, exec_id: str = "") -> None:
         self._call(self._get(ns, id), "kill", {"signal": signal, "all": all, "exec_id": exec_id})
@@ -997,16 +1020,29 @@ class RuntimeActor(Actor):
         return resolve
 
     @method(blocking=True)
-    def create(self, ns, container_id: Identifier, stdin: str = "", stdout: str = "", stderr: str = "",
-               terminal: bool = False, checkpoint: str = "") -> dict:
+    def create(self, ns, container_id: Identifier, call: Call, stdin: str = "", stdout: str = "",
+               stderr: str = "", terminal: bool = False, checkpoint: str = "") -> dict:
         def unpack(digest: str, dest: str) -> None:
             checkpoints.fetch(self.call, ns, digest, dest, self.tasks.tasks_dir)
-        return self.tasks.create(ns, container_id, self._resolve(ns, container_id), stdin, stdout, stderr,
-                                 terminal, checkpoint, unpack)
+        try:
+            return self.tasks.create(ns, container_id, self._resolve(ns, container_id), stdin, stdout, stderr,
+                                     terminal, checkpoint, unpack)
+        except AlreadyExists:
+            stdio = {"stdin": stdin, "stdout": stdout, "stderr": stderr, "terminal": terminal}
+            done = self.tasks.created(ns, container_id, stdio) if call.redelivered else None
+            if done is None:
+                raise
+            return done
 
     @method(blocking=True)
-    def start(self, ns, container_id: Identifier, exec_id: str = "") -> dict:
-        return self.tasks.start(ns, container_id, exec_id)
+    def start(self, ns, container_id: Identifier, call: Call, exec_id: str = "") -> dict:
+        try:
+            return self.tasks.start(ns, container_id, exec_id)
+        except FailedPrecondition:
+            done = self.tasks.started(ns, container_id) if call.redelivered and not exec_id else None
+            if done is None:
+                raise
+            return done
 
     @method(blocking=True)
     def kill(self, ns, container_id: Identifier, signal: int = 15, all: bool = False, exec_id: str = "") -> None:

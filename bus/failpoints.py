@@ -45,7 +45,7 @@ MAX_NAME = 160
 SITES = frozenset({
     "router.forward", "worker.dispatch",
     "content.write", "content.commit", "metadata.commit", "snapshot.commit", "snapshot.apply",
-    "transfer.fetch", "runtime.create", "runtime.spawn", "runtime.delete",
+    "transfer.fetch", "runtime.create", "runtime.spawn", "runtime.created", "runtime.started", "runtime.delete",
     "shim.create", "shim.start", "shim.kill", "shim.delete", "events.publish",
 })
 SCOPED = ("router.forward", "worker.dispatch", "events.publish")

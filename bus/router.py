@@ -20,7 +20,7 @@ import zmq
 from bus import codec, failpoints
 from bus.envelope import Reply, Request
 from bus.errors import BerthError, DeadlineExceeded, NotImplementedErr, ResourceExhausted, Unavailable
-from bus.worker import MORE, PING, PONG, REG, REP, REQ
+from bus.worker import MORE, PING, PONG, REDO, REG, REP, REQ
 
 log = logging.getLogger("berth.router")
 
@@ -121,7 +121,8 @@ class Router:
     def _forward(self, token: int) -> None:
         f = self.flights[token]
         try:
-            self.back.send_multipart([f.service.encode(), REQ, struct.pack("!Q", token), f.client,
+            kind = REDO if f.redelivered else REQ
+            self.back.send_multipart([f.service.encode(), kind, struct.pack("!Q", token), f.client,
                                       f.header, *f.bulk], zmq.NOBLOCK)
         except zmq.ZMQError:
             self._enqueue(token)           # gone between its exit and our noticing: hold it

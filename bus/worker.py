@@ -31,7 +31,7 @@ log = logging.getLogger("berth.worker")
 _libc = ctypes.CDLL(None)
 
 # Control words on the actors socket (docs/wire.md, "Router and actors").
-REG, REQ, REP, MORE, PING, PONG = b"REG", b"REQ", b"REP", b"MORE", b"PING", b"PONG"
+REG, REQ, REDO, REP, MORE, PING, PONG = b"REG", b"REQ", b"REDO", b"REP", b"MORE", b"PING", b"PONG"
 
 
 @dataclasses.dataclass(slots=True)
@@ -42,6 +42,7 @@ class Call:
     lease: str | None
     deadline: float | None
     frames: list[bytes]
+    redelivered: bool = False       # delivered once before, to an actor that died holding it
 
 
 @dataclasses.dataclass(slots=True)
@@ -241,14 +242,15 @@ class Worker:
                     self._on_request(b"", frames[0], frames[1], frames[2:])
                 continue
             kind = frames[0]
-            if kind == REQ and len(frames) >= 4:
-                self._on_request(frames[1], frames[2], frames[3], frames[4:])
+            if kind in (REQ, REDO) and len(frames) >= 4:
+                self._on_request(frames[1], frames[2], frames[3], frames[4:], redelivered=kind == REDO)
             elif kind == PING and len(frames) == 2:
                 stats = dict(self.actor.stats(), in_flight=self.in_flight, served=self.served,
                              pid=os.getpid())
                 self.sock.send_multipart([PONG, frames[1], codec.pack(stats)])
 
-    def _on_request(self, token: bytes, client: bytes, header: bytes, bulk: list[bytes]) -> None:
+    def _on_request(self, token: bytes, client: bytes, header: bytes, bulk: list[bytes],
+                    redelivered: bool = False) -> None:
         route = [token, client]
         try:
             req = Request.decode(header)
@@ -261,6 +263,7 @@ class Worker:
         except BerthError as e:
             self._send_reply(route, Reply.failure(req.id, e), [])
             return
+        call.redelivered = redelivered
         if spec.blocking:
             self.in_flight += 1
             self.pool.submit(self._run_in_thread, spec, kwargs, call, route)

@@ -321,5 +321,28 @@ def test_a_create_cut_off_once_the_shim_serves_is_done_again(berth):
     berth.assert_gone("c7")
 
 
+def test_a_create_and_a_start_done_before_the_runtime_actor_died_are_not_done_twice(berth):
+    """runtime.created and runtime.started crashes: the runtime actor dies with the create (then
+    the start) done and not answered. The router delivers each again; the new runtime actor
+    answers with what was done instead of refusing it, so `run` works, and the task was created
+    and started once: one shim, one /tasks/create, one /tasks/start."""
+    d, client = berth.daemon, berth.client
+    set_failpoint(d, "runtime.created", "1*crash")
+    set_failpoint(d, "runtime.started", "1*crash")
+    seq = client.events.head()
+    berth.cli("run", "-d", berth.image, "c8", "sleep", "1000")
+    assert restarts(d)["runtime"] == 2
+    state = client.tasks.state("c8")
+    assert state["status"] == "running"
+    assert [p for p in _pids() if proc_title(p) == f"berth-shim: {berth.ns}/c8"] == [state["shim_pid"]]
+    wait_until(lambda: len(berth.events(seq, "c8")) >= 2, 15, what="c8's create and start events")
+    assert [t for t, _ in berth.events(seq, "c8")] == ["/tasks/create", "/tasks/start"]
+    assert failpoints(d) == {"runtime.created": "0*crash", "runtime.started": "0*crash"}
+    berth.cli("tasks", "kill", "-s", "9", "c8")
+    assert berth.cli("tasks", "wait", "c8", check=False).returncode == 137
+    berth.cli("tasks", "rm", "c8")
+    berth.assert_gone("c8")
+
+
 def _pids() -> list[int]:
     return [int(e) for e in os.listdir("/proc") if e.isdigit()]
