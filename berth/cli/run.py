@@ -89,12 +89,7 @@ def run(client, args) -> int:
     finished = False
     try:
         if args.detach:
-            task = container.new_task()
-            try:
-                task.start()
-            except BaseException:
-                discard(task)
-                raise
+            start_detached(container.new_task())
             return 0
         status = run_attached(container.new_task, tty=args.tty)
         finished = True
@@ -142,6 +137,15 @@ def run_attached(make, tty: bool = False) -> int:
         if not deleted:
             discard(proc)
         stdio.close()
+
+
+def start_detached(proc) -> None:
+    """Start a created process and leave it running; one that fails to start is not left behind."""
+    try:
+        proc.start()
+    except BaseException:
+        discard(proc)
+        raise
 
 
 def discard(proc) -> None:

@@ -101,16 +101,10 @@ def parse_signal(text: str) -> int:
 
 
 def start(client, args) -> int:
-    from berth.cli.run import run_attached
+    from berth.cli.run import run_attached, start_detached
     container = client.containers.load(args.id)
     if args.detach:
-        from berth.cli.run import discard
-        task = container.new_task(checkpoint=args.checkpoint)
-        try:
-            task.start()
-        except BaseException:
-            discard(task)
-            raise
+        start_detached(container.new_task(checkpoint=args.checkpoint))
         return 0
     tty = args.tty or bool(container.spec.get("process", {}).get("terminal"))
     return run_attached(lambda stdio: container.new_task(stdio, checkpoint=args.checkpoint), tty=tty)
