@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 
 from bus.client import zmq_address
 from bus.errors import InvalidArgument
@@ -20,6 +19,7 @@ class Config:
     metrics_address: str = "127.0.0.1:1338"  # empty: no metrics endpoint
     events_log_size: int = 100_000           # events kept for replay
     failpoints: str = ""                     # name=term;... (bus.failpoints); BERTH_FAILPOINTS adds to it
+    transfer_renew_after: float = 10.0       # idle seconds after a pull or push before transfer starts afresh
 
     def __post_init__(self):
         self.root = os.path.abspath(self.root)
@@ -52,6 +52,7 @@ class Config:
 
 
 def _from_toml(path: str) -> dict:
+    import tomllib                    # only with a file to read: berthd starts faster without one
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -64,7 +65,18 @@ def _from_toml(path: str) -> dict:
         values["metrics_address"] = doc["metrics"]["address"]
     if "log_size" in doc.get("events", {}):
         values["events_log_size"] = int(doc["events"]["log_size"])
-    unknown = set(doc) - {"root", "state", "address", "log_level", "metrics", "events", "failpoints"}
+    transfer = doc.get("transfer", {})
+    if not isinstance(transfer, dict) or set(transfer) - {"renew_after"}:
+        raise InvalidArgument(f"config {path}: [transfer] takes one key, renew_after (seconds)")
+    if "renew_after" in transfer:
+        values["transfer_renew_after"] = _seconds(transfer["renew_after"], f"config {path}: transfer.renew_after")
+    unknown = set(doc) - {"root", "state", "address", "log_level", "metrics", "events", "transfer", "failpoints"}
     if unknown:
         raise InvalidArgument(f"config {path}: unknown key {sorted(unknown)[0]!r}")
     return values
+
+
+def _seconds(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise InvalidArgument(f"{what} must be a number of seconds, not {value!r}")
+    return float(value)

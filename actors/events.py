@@ -50,6 +50,7 @@ class EventLog:
         self.head = 0
         self.current = None
         self.dirty = False
+        self.dirtied = threading.Event()       # wakes the syncer: something awaits a sync
         self.sync_lock = threading.Lock()      # the syncer thread against rotation and close
         self.syncer: threading.Thread | None = None
         for first in self.segments:
@@ -94,6 +95,7 @@ class EventLog:
         self.current.write(_LEN.pack(len(record)) + record)
         self.current.flush()
         self.dirty = True
+        self.dirtied.set()
         self.head = seq
         if event_id:
             self.ids[event_id] = seq
@@ -123,14 +125,20 @@ class EventLog:
                 os.fdatasync(self.current.fileno())
 
     def sync_every(self, interval: float) -> None:
-        """Sync from a thread of the log's own: an fdatasync can take milliseconds, and the
-        actor's loop must not wait for it. stop_syncing() ends and joins the thread."""
-        self.syncing = threading.Event()
+        """Sync from a thread of the log's own, at most `interval` seconds after an append: an
+        fdatasync can take milliseconds, and the actor's loop must not wait for it. The thread
+        sleeps while nothing is appended, so an idle daemon is not woken 1/interval times a
+        second, and appends in one interval share one sync. stop_syncing() ends and joins it."""
+        self.stopping = threading.Event()
         self.syncer = threading.Thread(target=self._sync_loop, args=(interval,), name="event-log-sync")
         self.syncer.start()
 
     def _sync_loop(self, interval: float) -> None:
-        while not self.syncing.wait(interval):
+        while True:
+            self.dirtied.wait()
+            if self.stopping.wait(interval):
+                return                          # close() syncs what is left
+            self.dirtied.clear()                # before sync() reads `dirty`: a later append sets it again
             try:
                 self.sync()
             except OSError:
@@ -138,7 +146,8 @@ class EventLog:
 
     def stop_syncing(self) -> None:
         if self.syncer is not None:
-            self.syncing.set()
+            self.stopping.set()
+            self.dirtied.set()
             self.syncer.join()
             self.syncer = None
 
@@ -207,10 +216,12 @@ def _records(path: str):
 class EventsActor(Actor):
     name = "events"
 
-    def __init__(self, log_: EventLog, pub_address: str):
+    def __init__(self, log_: EventLog, pub_address: str, forward_address: str = ""):
         self.log = log_
         self.pub_address = pub_address
+        self.forward_address = forward_address
         self.pub = None
+        self.inbox = None
         self.subscribers = 0
 
     def on_start(self) -> None:
@@ -226,14 +237,25 @@ class EventsActor(Actor):
             os.unlink(path)
         self.pub.bind(self.pub_address)
         self.worker.add_reader(self.pub, self._on_subscription)
+        if self.forward_address:
+            # Publishers' own way in (bus.pubsub): a forward that skips the router's two hops.
+            self.inbox = self.worker.ctx.socket(zmq.ROUTER)
+            self.inbox.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.inbox.setsockopt(zmq.MAXMSGSIZE, 128 << 20)
+            self.inbox.setsockopt(zmq.LINGER, 0)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.forward_address[len("ipc://"):])
+            self.inbox.bind(self.forward_address)
+            self.worker.serve_direct(self.inbox)
         self.log.sync_every(0.05)
 
     def on_stop(self) -> None:
         self.log.close()
-        if self.pub is not None:
-            self.pub.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.pub_address[len("ipc://"):])
+        for sock, address in ((self.pub, self.pub_address), (self.inbox, self.forward_address)):
+            if sock is not None:
+                sock.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(address[len("ipc://"):])
 
     def stats(self) -> dict:
         return {"head": self.log.head, "first": self.log.first, "subscribers": self.subscribers}
@@ -253,7 +275,8 @@ class EventsActor(Actor):
     @method
     def forward(self, call: Call, topic: Topic, event: dict, id: str | None = None,
                 timestamp: float | None = None, namespace: str | None = None) -> dict:
-        """Append and fan out one event; acknowledged with its sequence number."""
+        """Append and fan out one event; acknowledged with its sequence number, and where the
+        next ones may be sent without the router (`forward`, see bus.pubsub)."""
         namespace = namespace or call.namespace
         if namespace is not None:
             check_identifier(namespace, "namespace")
@@ -263,13 +286,16 @@ class EventsActor(Actor):
         if new:
             self.pub.send_multipart([topic.encode(), codec.pack(envelope)])
             self.metrics.EVENTS_PUBLISHED.labels(topic.split("/")[1]).inc()
-        return {"seq": envelope["seq"]}
+        return {"seq": envelope["seq"], "forward": self.forward_address}
 
     publish = forward
 
     @method
     def head(self) -> dict:
-        return {"head": self.log.head, "first": self.log.first, "address": self.pub_address}
+        """The log's ends, the PUB socket's address, and `forward`: where publishers may send
+        `forward` straight to this actor (while it runs; through berth.sock it always works)."""
+        return {"head": self.log.head, "first": self.log.first, "address": self.pub_address,
+                "forward": self.forward_address}
 
     @method
     def replay(self, since: int = 0, limit: int = MAX_REPLAY) -> dict:
@@ -281,4 +307,5 @@ class EventsActor(Actor):
 
 
 def build(config) -> EventsActor:
-    return EventsActor(EventLog(config.path("events"), config.events_log_size), config.events_address)
+    return EventsActor(EventLog(config.path("events"), config.events_log_size), config.events_address,
+                       f"ipc://{os.path.join(config.state, 'events-forward.sock')}")

@@ -1,7 +1,8 @@
 """The one registry of actors: what each is, what it needs, where its code lives.
 
 Health checks, restarts and `berth debug actors` read this list. `requires` names the actors
-each one calls: shown to operators, and kept listed callees first; berthd starts them all at once.
+each one calls: shown to operators, and kept listed callees first; berthd starts them all at once,
+the slowest to start (`starts_first`) before the others.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ class ActorSpec:
     name: str
     module: str                      # exposes build(config) -> bus.worker.Actor
     requires: tuple[str, ...] = ()
+    starts_first: bool = False       # its start is the longest: forked before the others
 
     def build(self, config):
         return importlib.import_module(self.module).build(config)
@@ -25,7 +27,9 @@ ACTORS: list[ActorSpec] = [
     ActorSpec("content", "actors.content", requires=("events", "metadata")),
     ActorSpec("snapshot", "actors.snapshot", requires=("events", "metadata", "content")),
     ActorSpec("transfer", "actors.transfer", requires=("metadata", "content")),
-    ActorSpec("runtime", "actors.runtime", requires=("events", "metadata", "snapshot")),
+    # It finds its shims again before it answers: a restart is over when it is.
+    ActorSpec("runtime", "actors.runtime", requires=("events", "metadata", "snapshot"),
+              starts_first=True),
 ]
 
 BY_NAME = {spec.name: spec for spec in ACTORS}
@@ -40,3 +44,8 @@ def start_order() -> list[ActorSpec]:
             raise RuntimeError(f"actor {spec.name} is listed before {sorted(missing)}")
         seen.add(spec.name)
     return list(ACTORS)
+
+
+def spawn_order() -> list[ActorSpec]:
+    """The order in which berthd forks its actors: those that start slowest first."""
+    return sorted(ACTORS, key=lambda spec: not spec.starts_first)

@@ -766,12 +766,14 @@ class SnapshotActor(Actor):
         return found
 
     def _hold(self, call: Call, ns: str, snapshotter: str, key: str) -> None:
-        """Bring the namespace into being and put the snapshot in the request's lease before it
-        exists, so GC never sees it unheld."""
-        self.call("metadata", "ensure_namespace", {"name": ns})
+        """Put the snapshot in the request's lease before it exists, so GC never sees it unheld,
+        and make sure its namespace exists: a lease is a row of its namespace, so one that holds
+        the snapshot says the namespace is there, and only an unleased request asks for that."""
         if call.lease:
             self.call("metadata", "add_lease_resource",
                       {"lease": call.lease, "type": f"snapshots/{snapshotter}", "id": key}, namespace=ns)
+        else:
+            self.call("metadata", "ensure_namespace", {"name": ns})
 
     @method(blocking=True)
     def unpack_layer(self, ns: str, call: Call, chain_id: Digest, layer: dict, diff_id: Digest,

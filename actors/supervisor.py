@@ -35,6 +35,7 @@ class ActorState:
     pid: int | None = None
     status: str = "stopped"         # stopped -> starting -> running -> (exited -> backoff) -> starting
     restarts: int = 0
+    renewals: int = 0               # exits it asked for, to start afresh (EXIT_RENEW): no backoff
     attempt: int = 0                # consecutive failures, for backoff
     started_at: float = 0.0
     restart_at: float | None = None
@@ -43,7 +44,8 @@ class ActorState:
 
     def describe(self, now: float) -> dict:
         return {"name": self.name, "requires": list(self.requires), "pid": self.pid, "status": self.status,
-                "restarts": self.restarts, "uptime": round(now - self.started_at, 3) if self.pid else 0,
+                "restarts": self.restarts, "renewals": self.renewals,
+                "uptime": round(now - self.started_at, 3) if self.pid else 0,
                 "stats": self.stats}
 
 
@@ -225,12 +227,19 @@ class Supervisor:
                 self._notify("STOPPING=1\nSTATUS=template process died")
 
     def _on_exit(self, a: ActorState, pid: int, status: int) -> None:
+        from actors.template import EXIT_RENEW
         self.router.actor_down(a.name)
         self.metrics.process_died(pid)
         self.metrics.ACTORS_UP.set(len(self.router.up))
         a.pid, a.last_pong = None, 0.0
         if self.stopping:
             a.status = "stopped"
+            return
+        if status == EXIT_RENEW:
+            log.info("actor %s (pid %d) exited to start afresh", a.name, pid)
+            a.renewals += 1
+            a.status = "starting"
+            self.template.spawn(a.name)
             return
         now = time.monotonic()
         a.attempt = 1 if now - a.started_at > STABLE_AFTER else a.attempt + 1
@@ -247,7 +256,9 @@ class Supervisor:
                 self.template.spawn(a.name)
 
     def _start_actors(self) -> None:
-        for a in self.actors.values():
+        from actors.registry import spawn_order
+        for spec in spawn_order():
+            a = self.actors[spec.name]
             if a.status == "stopped":
                 a.status = "starting"
                 self.template.spawn(a.name)

@@ -2,7 +2,8 @@
 
 It is forked by the supervisor before the supervisor touches ZeroMQ (libzmq's threads do not
 survive fork) and after it has imported every module (`preload`), then forks an actor whenever
-the supervisor asks and reports each child's start and exit.
+the supervisor asks and reports each child's start and exit. Nothing is imported into it after
+the fork: a page it wrote after forking a child would stop being shared with that child.
 Everything dies with the supervisor: the template and each actor hold PR_SET_PDEATHSIG.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bus import codec
 log = logging.getLogger("berth.template")
 
 PR_SET_PDEATHSIG = 1
+EXIT_RENEW = 75                 # an actor that asks to be forked afresh (actor.renew): not a crash
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -187,7 +189,7 @@ def _become_actor(name: str, config, template: int, sock: socket.socket, fds: tu
         worker = Worker(actor, config.actors_address, config.address)
         worker.run()
         worker.close()
-        code = 0
+        code = EXIT_RENEW if getattr(actor, "renew", False) else 0
     except BaseException:
         logging.getLogger(f"berth.{name}").exception("actor %s failed", name)
     finally:

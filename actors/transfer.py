@@ -1511,17 +1511,41 @@ class Unpacker:
 
 class TransferActor(Actor):
     """Pulls and pushes, each streaming progress to its client. A pull runs under a lease (the
-    request's, or one of its own that it drops once the image record points at the content)."""
+    request's, or one of its own that it drops once the image record points at the content).
+
+    A transfer leaves httpx, TLS contexts and a grown heap behind (about 15 MiB, where a fresh
+    actor holds 3); once no transfer has run for `renew_after` seconds, the actor exits with
+    `renew` set and the supervisor forks a fresh one from the template, as small as at start.
+    Requests sent meanwhile wait in the router, as they do across a restart."""
 
     name = "transfer"
     pool_size = 8
 
-    def __init__(self, verify=True):
+    def __init__(self, verify=True, renew_after: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.verify = verify
         self.active = 0
+        self.renew_after = renew_after
+        self.clock = clock
+        self.worked = False             # a transfer ran in this process
+        self.idle_since = clock()       # when the last transfer ended
+        self.renew = False              # set on the way out: the template exits with EXIT_RENEW
+
+    def on_start(self) -> None:
+        self.worker.every(min(1.0, max(0.05, self.renew_after / 4)), self._renew_when_idle)
 
     def stats(self) -> dict:
-        return {"active": self.active}
+        return {"active": self.active, "worked": self.worked}
+
+    def _renew_when_idle(self) -> None:
+        """A timer on the loop; stops the worker only between requests: one the router sends
+        after this is delivered again to the fresh actor."""
+        if not self.worked or self.active or self.worker.in_flight:
+            return
+        if self.clock() - self.idle_since < self.renew_after or self.worker.sock.poll(0):
+            return                      # not idle long enough, or a request is waiting for us
+        log.info("idle for %.0fs after a transfer: exiting to be started afresh", self.renew_after)
+        self.renew = True
+        self.worker.stop()
 
     @method
     def active_transfers(self) -> dict:
@@ -1596,6 +1620,7 @@ class TransferActor(Actor):
             finally:
                 reports.put(None)
         self.active += 1
+        self.worked = True
         thread = threading.Thread(target=run, name="transfer-job")
         thread.start()
         try:
@@ -1604,10 +1629,11 @@ class TransferActor(Actor):
         finally:
             thread.join()
             self.active -= 1
+            self.idle_since = self.clock()
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]
 
 
 def build(config) -> TransferActor:
-    return TransferActor()
+    return TransferActor(renew_after=config.transfer_renew_after)

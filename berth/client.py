@@ -18,7 +18,7 @@ import io
 import os
 import threading
 import time
-from typing import BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from berth.labels import GC_REF_CONTENT
 from berth.version import VERSION
@@ -46,7 +46,7 @@ class Client:
 
     @property
     def conn(self) -> Connection:
-        """This thread's connection (ZeroMQ sockets belong to one thread)."""
+        """This thread's connection (a connection belongs to one thread)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = Connection(self.address, timeout=self.timeout)
@@ -256,7 +256,7 @@ class Content:
     def read_all(self, digest: str) -> bytes:
         return b"".join(self.read(digest))
 
-    def write(self, ref: str, reader: BinaryIO | bytes, total: int | None = None, expected: str | None = None,
+    def write(self, ref: str, reader: io.BufferedIOBase | bytes, total: int | None = None, expected: str | None = None,
               labels: dict | None = None) -> dict:
         """Stream `reader` into the store under `ref` and commit it; the committed blob's info.
 
@@ -361,7 +361,7 @@ def _credentials(credentials) -> str | None:
     raise InvalidArgument("credentials must be 'user:password' or a (user, password) pair")
 
 
-def _read_full(reader: BinaryIO, n: int) -> bytes:
+def _read_full(reader: io.BufferedIOBase, n: int) -> bytes:
     """Up to n bytes, fewer only at the end of the stream (pipes and sockets return short reads)."""
     data = reader.read(n)
     if not data or len(data) == n:
@@ -483,7 +483,7 @@ class Containers:
         chainID), a spec from berth.oci (the image's config, then `spec_opts` in order), and its
         record; ctr's `run` makes the same three. `args`, when given, replace the image's Cmd
         (its Entrypoint stays), as ctr's do. With `spec`, that spec is used as it is."""
-        from bus.validate import check_identifier
+        from bus.checks import check_identifier
         check_identifier(id, "container id")
         client = self.client
         name, mounts = "", []
@@ -644,7 +644,7 @@ class Events:
         import zmq
         from bus import codec
         head = self.client.call("events", "head", idempotent=True)
-        sub = self.client.conn.ctx.socket(zmq.SUB)
+        sub = zmq.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -707,14 +707,14 @@ def image_config(client: "Client", image: dict | str) -> tuple[dict, dict]:
     """(config descriptor, parsed config) of an image record or name, for this host's platform
     where the image is an index."""
     import json
-    import platform
     record = _get_image(client, image) if isinstance(image, str) else image
     desc = record["target"]
     for _ in range(4):                             # an index of indexes is allowed, a loop is not
         doc = json.loads(_read_blob(client, desc))
         if desc.get("mediaType") not in INDEX_TYPES and "manifests" not in doc:
             break
-        arch = _ARCHES.get(platform.machine(), platform.machine())
+        machine = os.uname().machine
+        arch = _ARCHES.get(machine, machine)
         found = [m for m in doc.get("manifests") or []
                  if (m.get("platform") or {}).get("os", "linux") == "linux"
                  and (m.get("platform") or {}).get("architecture", arch) == arch]
@@ -766,11 +766,26 @@ def _read_blob(client: "Client", desc: dict) -> bytes:
 
 def top_chain_id(diff_ids: list[str]) -> str:
     """The chainID of the whole layer stack (OCI image spec): the image's unpacked snapshot."""
-    import hashlib
+    if len(diff_ids) == 1:
+        return diff_ids[0]
+    import hashlib                      # here: loading OpenSSL costs `run` of a one-layer image otherwise
     chain = ""
     for diff_id in diff_ids:
         chain = diff_id if not chain else "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
     return chain
+
+
+def _private_dir(prefix: str) -> str:
+    """A new directory only we can enter, in $TMPDIR or /tmp: tempfile.mkdtemp without the
+    import of tempfile, shutil and random that would cost every `run`."""
+    base = os.environ.get("TMPDIR") or "/tmp"
+    while True:
+        path = os.path.join(base, prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
 
 
 def _rootfs_mounted(mounts: list[dict]):
@@ -779,11 +794,9 @@ def _rootfs_mounted(mounts: list[dict]):
     process is not root, or the mounts are of a kind not handled here): then only numeric users
     work. An overlay is mounted from its layers alone (upper first), which needs no workdir and
     cannot change the snapshot."""
-    import tempfile
-
     @contextlib.contextmanager
     def mounted():
-        target = tempfile.mkdtemp(prefix="berth-rootfs-")
+        target = _private_dir("berth-rootfs-")
         try:
             if not _mount_read_only(mounts, target):
                 yield None
@@ -1053,9 +1066,8 @@ class Stdio:
     """
 
     def __init__(self, stdin: bool = False, stdout: bool = True, stderr: bool = True, terminal: bool = False):
-        import tempfile
         self.terminal = terminal
-        self.dir = tempfile.mkdtemp(prefix="berth-io-")
+        self.dir = _private_dir("berth-io-")
         self.fds: dict[str, int] = {}
         self.pumps: list[_Pump] = []
         self.stdin_pump: _Pump | None = None
@@ -1096,7 +1108,6 @@ class Stdio:
 
     def close(self) -> None:
         """Stop copying, close our ends and remove the FIFOs."""
-        import shutil
         for pump in [*self.pumps, *([self.stdin_pump] if self.stdin_pump else [])]:
             pump.stop()
             pump.join(1.0)
@@ -1105,7 +1116,11 @@ class Stdio:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds = {}
-        shutil.rmtree(self.dir, ignore_errors=True)
+        for name in ("stdin", "stdout", "stderr"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.dir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)
 
 
 class _Pump:

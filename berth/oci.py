@@ -29,21 +29,16 @@ runtime to resolve inside the container.
 """
 from __future__ import annotations
 
-import csv
-import ctypes
-import dataclasses
+import collections
 import errno
-import inspect
 import json
 import math
 import os
-import platform
 import stat
 from collections.abc import Callable, Iterable, Mapping
-from typing import Union
 
 from bus.errors import FailedPrecondition, InvalidArgument, NotFound
-from bus.validate import check_identifier
+from bus.checks import check_identifier
 
 __all__ = [
     "OCI_VERSION", "DEFAULT_PATH", "DEFAULT_CAPABILITIES", "DEFAULT_NAMESPACES", "MASKED_PATHS",
@@ -115,22 +110,20 @@ MIN_CPU_QUOTA = 1000            # µs; the kernel refuses a smaller cfs quota
 U64_MAX = 2**64 - 1
 
 
-@dataclasses.dataclass(frozen=True)
-class SpecContext:
+class SpecContext(collections.namedtuple("SpecContext", "namespace container_id rootfs image_config",
+                                         defaults=(None, None))):
     """What options may need besides the spec: who the container is, and where its files are.
 
     `rootfs` is the host path of the container's root filesystem, mounted, for options that
     read from it (user and group resolution); None when the caller has none at hand. It is never
-    the spec's `root.path`, which stays bundle-relative.
+    the spec's `root.path`, which stays bundle-relative. (A named tuple rather than a dataclass:
+    dataclasses import inspect, which costs every `berth run` a few milliseconds.)
     """
 
-    namespace: str
-    container_id: str
-    rootfs: str | None = None
-    image_config: Mapping | None = None
+    __slots__ = ()
 
 
-SpecOpt = Union[Callable[[dict, SpecContext], None], Callable[[dict], None]]
+SpecOpt = Callable[[dict, SpecContext], None] | Callable[[dict], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +227,12 @@ def _apply(opt: SpecOpt, spec: dict, ctx: SpecContext | None) -> None:
 
 
 def _takes_context(opt: Callable) -> bool:
+    if type(opt) is _FUNCTION and not hasattr(opt, "__wrapped__") and not hasattr(opt, "__signature__"):
+        # A plain function (every with_* option is one): what inspect.signature would say, read
+        # from its code, so that the CLI need not import inspect.
+        code = opt.__code__
+        return bool(code.co_flags & _CO_VARARGS) or code.co_argcount >= 2
+    import inspect
     try:
         params = inspect.signature(opt).parameters.values()
     except (TypeError, ValueError):
@@ -245,6 +244,10 @@ def _takes_context(opt: Callable) -> bool:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             positional += 1
     return positional >= 2
+
+
+_FUNCTION = type(_takes_context)
+_CO_VARARGS = 0x04           # inspect.CO_VARARGS
 
 
 def validate(spec: dict) -> dict:
@@ -708,30 +711,36 @@ _OPENAT2_MACHINES = frozenset({"x86_64", "amd64", "aarch64", "arm64", "i386", "i
 _SYS_OPENAT2 = 437
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
 class _Openat2:
-    """openat2(2) through libc's syscall(); `available` turns False once the kernel says no."""
+    """openat2(2) through libc's syscall(); `available` turns False once the kernel says no.
+    ctypes is loaded at the first call, not at import: a spec made without a root filesystem
+    never needs it, and importing it costs milliseconds of a CLI command's start-up."""
 
     def __init__(self) -> None:
-        self.available = platform.machine() in _OPENAT2_MACHINES
-        self._syscall = None
-        if self.available:
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                self._syscall = libc.syscall
-                self._syscall.restype = ctypes.c_long
-            except (OSError, AttributeError):
-                self.available = False
+        self.available = os.uname().machine in _OPENAT2_MACHINES     # platform.machine(), without platform
+        self._loaded = None
+
+    def _load(self) -> tuple:
+        import ctypes
+
+        class OpenHow(ctypes.Structure):
+            _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+        try:
+            syscall = ctypes.CDLL(None, use_errno=True).syscall
+        except (OSError, AttributeError):
+            self.available = False
+            raise _Unsupported() from None
+        syscall.restype = ctypes.c_long
+        self._loaded = (ctypes, OpenHow, syscall)
+        return self._loaded
 
     def __call__(self, dirfd: int, path: str, flags: int, resolve: int) -> int:
-        how = _OpenHow(flags, 0, resolve)
+        ctypes, OpenHow, syscall = self._loaded or self._load()
+        how = OpenHow(flags, 0, resolve)
         for _ in range(16):     # EAGAIN: a concurrent rename raced the in-root resolution
-            fd = self._syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd),
-                               ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
-                               ctypes.c_size_t(ctypes.sizeof(how)))
+            fd = syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd),
+                         ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
+                         ctypes.c_size_t(ctypes.sizeof(how)))
             if fd >= 0:
                 return fd
             err = ctypes.get_errno()
@@ -879,6 +888,7 @@ def parse_mount(text: str) -> dict:
     """
     if not isinstance(text, str) or not text or "\n" in text or "\r" in text or "\0" in text:
         raise InvalidArgument(f"invalid mount specification {text!r:.200}")
+    import csv
     try:
         fields = next(csv.reader([text]))
     except (csv.Error, StopIteration) as e:

@@ -1,24 +1,22 @@
-"""The client side of the bus: one DEALER socket, request ids, deadlines, optional retries.
+"""The client side of the bus: one ZMTP connection to berthd, request ids, deadlines, optional retries.
 
-A Connection belongs to one thread (ZeroMQ sockets are not thread-safe); berth.Client keeps one
-per thread.
+The connection speaks ZMTP itself (bus/zmtp.py), not through pyzmq: a `berth` command lives for
+a tenth of a second, and importing pyzmq and starting libzmq's threads would be half of its CPU.
+A Connection belongs to one thread; berth.Client keeps one per thread.
 """
 from __future__ import annotations
 
 import errno
 import itertools
-import os
-import socket
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
-import zmq
-
+from bus import codec, zmtp
 from bus.envelope import Reply, Request
-from bus.errors import BerthError, DeadlineExceeded, Unavailable
+from bus.errors import BerthError, DeadlineExceeded, ResourceExhausted, Unavailable
 
 DEFAULT_TIMEOUT = 30.0
-RESTART_CHECK = 1.0        # seconds between looks at whether berthd's socket is still the same one
+RECONNECT_MAX = 0.1        # seconds at most between attempts to reach a berthd not (yet) listening
 
 
 def zmq_address(address: str) -> str:
@@ -31,37 +29,20 @@ def socket_path(address: str) -> str | None:
     return None if "://" in address else address
 
 
-def probe(address: str) -> None:
-    """Fail fast, with a message a person can act on, when nothing listens at the address."""
-    path = socket_path(address)
-    if path is None:
-        return
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-    except OSError as e:
-        reason = "no such socket" if e.errno == errno.ENOENT else os.strerror(e.errno or 0).lower()
-        raise Unavailable(f"cannot reach berthd at {path} ({reason}; is it running?)") from None
-    finally:
-        s.close()
-
-
 class Connection:
+    """With check=True (the default), the connection is made at once, so that a berthd that is
+    not there is said at once and plainly; otherwise it is made by the first call."""
+
     def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT, check: bool = True):
-        if check:
-            probe(address)
         self.address = address
         self.timeout = timeout
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(zmq_address(address))
         self.ids = itertools.count(1)
-        self.path = socket_path(address)
-        self.listener = _identity(self.path)
+        self.peer: zmtp.Peer | None = self._connect(timeout) if check else None
 
     def close(self) -> None:
-        self.sock.close()
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
 
     def call(self, service: str, method: str, args: dict | None = None, *,
              namespace: str | None = None, lease: str | None = None, timeout: float | None = None,
@@ -103,20 +84,36 @@ class Connection:
             yield result, bulk
 
     def _send(self, service, method, args, namespace, lease, timeout, frames) -> int:
+        """Send one request, connecting (again) first if need be. A berthd that is not listening
+        is tried again until the deadline, and so is one that hung up before the request was
+        written whole: either way it was not done."""
         rid = next(self.ids)
+        deadline = time.monotonic() + timeout
         req = Request(rid, service, method, namespace, lease, time.time() + timeout, args or {})
-        self.sock.send_multipart([req.encode(), *frames], copy=len(frames) == 0)
-        return rid
+        message = [req.encode(), *frames]
+        if len(message[0]) > codec.MAX_HEADER:       # what berthd would answer, without the trip
+            raise ResourceExhausted(f"frame of {len(message[0])} bytes exceeds the limit of {codec.MAX_HEADER}")
+        codec.check_frames(message)
+        while True:
+            if self.peer is None or self.peer.gone():
+                self.peer = self._reconnect(deadline, f"{service}.{method}")
+            try:
+                self.peer.send(message, deadline)
+                return rid
+            except zmtp.Hangup:
+                self.peer = None
 
     def _recv(self, rid: int, deadline: float, what: str) -> tuple[Reply, list[bytes]]:
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            try:
+                frames = self.peer.recv(deadline)
+            except zmtp.Hangup:
+                # A berthd that went (killed, restarted) took the requests it held with it:
+                # rather than wait out the deadline, say so (an idempotent call is sent again).
+                raise Unavailable(f"{what}: berthd at {self.address} went away with the request "
+                                  "(it may or may not have been done)") from None
+            if frames is None:
                 raise DeadlineExceeded(f"{what}: no answer from berthd at {self.address} in time")
-            if not self.sock.poll(int(min(remaining, RESTART_CHECK) * 1000) + 1):
-                self._check_listener(what)
-                continue
-            frames = self.sock.recv_multipart()
             try:
                 reply = Reply.decode(frames[0])
             except BerthError:
@@ -125,27 +122,36 @@ class Connection:
                 return reply, frames[1:]
             # A late answer to an earlier request that timed out: not ours.
 
+    def _connect(self, timeout: float) -> zmtp.Peer:
+        """One attempt; Unavailable, with a message a person can act on, when nothing listens."""
+        try:
+            return zmtp.connect(self.address, f"berthd at {self._where()}", timeout)
+        except OSError as e:
+            raise self._unreachable(e) from None
 
-    def _check_listener(self, what: str) -> None:
-        """A berthd that went (killed, restarted) took the requests it held with it: rather than
-        wait out the deadline, say so (Unavailable: an idempotent call is sent again)."""
-        now = _identity(self.path)
-        if self.listener is None:
-            self.listener = now
-        elif now != self.listener:
-            self.listener = now
-            raise Unavailable(f"{what}: berthd at {self.address} went away with the request "
-                              "(it may or may not have been done)")
+    def _reconnect(self, deadline: float, what: str) -> zmtp.Peer:
+        """Attempts until the deadline, as ZeroMQ would reconnect: a restarting berthd is waited for."""
+        pause = 0.01
+        while True:
+            try:
+                return zmtp.connect(self.address, f"berthd at {self._where()}",
+                                    max(0.01, deadline - time.monotonic()))
+            except (OSError, zmtp.Hangup) as e:        # not listening, or gone while greeting
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Unavailable(f"{what}: {self._unreachable(e)}") from None
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, RECONNECT_MAX)
 
+    def _where(self) -> str:
+        return socket_path(self.address) or self.address
 
-def _identity(path: str | None) -> tuple[int, int, int] | None:
-    """Which socket file is at `path` (berthd makes a new one at each start; its inode number
-    may be the old one's, its change time is not)."""
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        return (0, 0, 0)
-    return (st.st_dev, st.st_ino, st.st_ctime_ns) if st else None
+    def _unreachable(self, e: Exception) -> Unavailable:
+        if isinstance(e, OSError):
+            reason = "no such socket" if e.errno == errno.ENOENT else (e.strerror or str(e)).lower()
+        else:
+            reason = "it closed the connection"
+        return Unavailable(f"cannot reach berthd at {self._where()} ({reason}; is it running?)")
 
 
 def call(address: str, service: str, method: str, args: dict | None = None, **kw):
@@ -155,4 +161,3 @@ def call(address: str, service: str, method: str, args: dict | None = None, **kw
         return conn.call(service, method, args, **kw)
     finally:
         conn.close()
-

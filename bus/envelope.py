@@ -1,7 +1,11 @@
-"""The request and reply envelopes (docs/wire.md), checked as they are decoded."""
+"""The request and reply envelopes (docs/wire.md), checked as they are decoded.
+
+Plain classes with __slots__ rather than dataclasses: every `berth` command loads this module,
+and dataclasses (with the inspect module it imports) cost more of its start-up than the rest of
+the envelope code does.
+"""
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -9,15 +13,38 @@ from bus import codec
 from bus.errors import BerthError, InvalidArgument, from_wire
 
 
-@dataclasses.dataclass(slots=True)
-class Request:
-    id: int | str
-    service: str
-    method: str
-    namespace: str | None = None
-    lease: str | None = None
-    deadline: float | None = None      # absolute, seconds since the epoch
-    args: dict = dataclasses.field(default_factory=dict)
+class _Record:
+    """Equality and repr from `__slots__`, in order, as a dataclass has them."""
+
+    __slots__ = ()
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None     # mutable, as a dataclass with eq and without frozen
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__qualname__}({fields})"
+
+
+class Request(_Record):
+    __slots__ = ("id", "service", "method", "namespace", "lease", "deadline", "args")
+
+    def __init__(self, id: int | str, service: str, method: str, namespace: str | None = None,
+                 lease: str | None = None, deadline: float | None = None, args: dict | None = None):
+        self.id = id
+        self.service = service
+        self.method = method
+        self.namespace = namespace
+        self.lease = lease
+        self.deadline = deadline      # absolute, seconds since the epoch
+        self.args = {} if args is None else args
 
     def encode(self) -> bytes:
         return codec.pack({"id": self.id, "service": self.service, "method": self.method,
@@ -62,13 +89,16 @@ def _name(raw: dict, key: str) -> str:
     return value
 
 
-@dataclasses.dataclass(slots=True)
-class Reply:
-    id: int | str | None
-    ok: bool = True
-    result: object = None
-    error: dict | None = None
-    more: bool = False
+class Reply(_Record):
+    __slots__ = ("id", "ok", "result", "error", "more")
+
+    def __init__(self, id: int | str | None, ok: bool = True, result: object = None,
+                 error: dict | None = None, more: bool = False):
+        self.id = id
+        self.ok = ok
+        self.result = result
+        self.error = error
+        self.more = more
 
     def encode(self) -> bytes:
         body: dict = {"id": self.id, "ok": self.ok}

@@ -3,6 +3,12 @@
 A publisher writes each event to its spool directory before returning, then a sender thread
 forwards spooled events to the events actor in order and deletes each one once it is
 acknowledged. The events actor accepts an event id once, so a resend after a crash is harmless.
+
+The first event goes through the router; the events actor's answer names its own socket
+(`forward`), and the next ones go there, which spares the router two hops per event. When a send
+there fails (the actor died or is restarting), the next try goes through the router again, which
+holds a request until the actor is back, and its answer leads the sender back to the short way.
+
 The spool is not fsync'd: it outlives the publisher's crash (the page cache keeps it), and what
 must outlive the machine's is kept elsewhere (a shim fsyncs each exit record before publishing).
 """
@@ -18,6 +24,8 @@ from bus import codec, failpoints
 from bus.errors import BerthError
 
 log = logging.getLogger("berth.publisher")
+
+DIRECT_TIMEOUT = 1.0       # a forward is an append: slower than this, the router's way is as good
 
 
 class Publisher:
@@ -62,7 +70,8 @@ class Publisher:
 
     def _send_loop(self) -> None:
         from bus.client import Connection
-        conn = None
+        conn, direct = None, False
+        forward = None                      # the events actor's own socket, as its answers say
         backoff = 0.05
         while True:
             names = sorted(n for n in os.listdir(self.spool_dir) if not n.startswith("."))
@@ -72,19 +81,29 @@ class Publisher:
                         break
                     self.wake.wait(1.0)
                 continue
+            path = None
             try:
                 if conn is None:
-                    conn = Connection(self.address, timeout=5.0)
+                    direct = forward is not None
+                    # No probe of the actor's socket: it named it a moment ago.
+                    conn = (Connection(forward, timeout=DIRECT_TIMEOUT, check=False) if direct
+                            else Connection(self.address, timeout=5.0))
                 for name in names:
                     path = os.path.join(self.spool_dir, name)
                     with open(path, "rb") as f:
                         record = codec.unpack(f.read())
                     failpoints.fail("events.publish", record.get("topic") or "")
-                    conn.call("events", "forward", record, namespace=record.get("namespace"))
+                    answer = conn.call("events", "forward", record, namespace=record.get("namespace"))
                     os.unlink(path)
+                    path = None
+                    if not direct and isinstance(answer, dict) and isinstance(answer.get("forward"), str):
+                        forward = answer["forward"] or None
                 backoff = 0.05
+                if not direct and forward is not None:      # the next events take the short way
+                    conn.close()
+                    conn = None
             except BerthError as e:
-                if e.code.value == "InvalidArgument":
+                if e.code.value == "InvalidArgument" and path is not None:
                     log.error("dropping an event the events actor refused: %s", e)
                     os.unlink(path)
                     continue
@@ -92,6 +111,9 @@ class Publisher:
                 if conn is not None:
                     conn.close()
                     conn = None
+                if direct:                  # its own socket failed: through the router, at once
+                    forward = None
+                    continue
                 with self.wake:
                     if self.closing:
                         break

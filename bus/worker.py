@@ -146,6 +146,7 @@ class Worker:
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.timers: list[list] = []       # [next_due, interval, fn]
         self.readers: dict = {}            # extra sockets or fds the actor serves on this loop
+        self.poller: zmq.Poller | None = None
         self.in_flight = 0
         self.served = 0
         self.stopping = False
@@ -154,6 +155,7 @@ class Worker:
     def stop(self) -> None:
         """End the loop after the current message (an actor that decides to exit, e.g. a shim)."""
         self.stopping = True
+        self._wake()                     # from a timer or a thread: not after the next poll's timeout
 
     def resolve(self, deferred: "Deferred", result: object = None, error: BerthError | None = None) -> None:
         """Answer a request whose method returned a Deferred. Only from the loop thread."""
@@ -167,7 +169,21 @@ class Worker:
         self._wake()
 
     def add_reader(self, sock, fn: Callable[[], None]) -> None:
+        """Call `fn` on the loop whenever `sock` (a ZeroMQ socket or a descriptor) is readable.
+        Before `run`, or from the loop itself."""
         self.readers[sock] = fn
+        if self.poller is not None:
+            self.poller.register(sock, zmq.POLLIN)
+
+    def remove_reader(self, sock) -> None:
+        """Stop serving `sock` (from the loop); its owner closes it."""
+        if self.readers.pop(sock, None) is not None and self.poller is not None:
+            self.poller.unregister(sock)
+
+    def serve_direct(self, sock) -> None:
+        """Take requests on a ROUTER socket of the actor's own as well, as a shim does on its
+        only one: for peers that call it often, a hop through the router saved each time."""
+        self.readers[sock] = lambda: self._drain_socket(sock, direct=True)
 
     def every(self, interval: float, fn: Callable[[], None]) -> None:
         self.timers.append([time.monotonic() + interval, interval, fn])
@@ -178,7 +194,7 @@ class Worker:
         old_wakeup = signal.set_wakeup_fd(self.sig_w)
         old_handlers = {signum: signal.signal(signum, lambda *_: None) for signum in (signal.SIGTERM, signal.SIGINT)}
         self.actor.on_start()
-        poller = zmq.Poller()
+        poller = self.poller = zmq.Poller()
         for sock in (self.sock, self.wake_r, self.sig_r, *self.readers):
             poller.register(sock, zmq.POLLIN)
         if not self.direct:
@@ -192,7 +208,7 @@ class Worker:
                 _libc.malloc_trim(0)      # idle again: hand the requests' freed heap back to the system
             for item, _ in ready:
                 if item is self.sock:
-                    self._drain_socket()
+                    self._drain_socket(self.sock, self.direct)
                 elif item == self.wake_r:
                     _drain_fd(self.wake_r)
                     self._flush_outbox()
@@ -200,7 +216,9 @@ class Worker:
                     if _drain_fd(self.sig_r):
                         self.stopping = True
                 else:
-                    self.readers[item]()
+                    fn = self.readers.get(item)     # None: removed by a handler a moment ago
+                    if fn is not None:
+                        fn()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._flush_outbox()
         self.actor.on_stop()
@@ -226,20 +244,20 @@ class Worker:
                     log.exception("%s: timer %s failed", self.actor.name, timer[2])
         return max(0, int((min(t[0] for t in self.timers) - time.monotonic()) * 1000)) + 1
 
-    def _drain_socket(self) -> None:
+    def _drain_socket(self, sock, direct: bool) -> None:
         for _ in range(256):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
-            if self.direct:
+            if direct:
                 if len(frames) >= 2:
                     try:
                         codec.check_frames(frames[1:])       # the router's limits, here without one
                     except BerthError as e:
-                        self._send_reply([b"", frames[0]], Reply.failure(None, e), [])
+                        self._send_reply([b"", frames[0], sock], Reply.failure(None, e), [])
                         continue
-                    self._on_request(b"", frames[0], frames[1], frames[2:])
+                    self._on_request(b"", frames[0], frames[1], frames[2:], reply_to=sock)
                 continue
             kind = frames[0]
             if kind in (REQ, REDO) and len(frames) >= 4:
@@ -250,8 +268,8 @@ class Worker:
                 self.sock.send_multipart([PONG, frames[1], codec.pack(stats)])
 
     def _on_request(self, token: bytes, client: bytes, header: bytes, bulk: list[bytes],
-                    redelivered: bool = False) -> None:
-        route = [token, client]
+                    redelivered: bool = False, reply_to=None) -> None:
+        route = [token, client, reply_to]             # reply_to: the ROUTER a direct request came on
         try:
             req = Request.decode(header)
         except BerthError as e:
@@ -307,14 +325,19 @@ class Worker:
             send(route, Reply.failure(call.id, Internal(f"{self.actor.name}.{spec.fn.__name__}: internal error")), [])
 
     def _run_in_thread(self, spec, kwargs, call, route) -> None:
+        # A stream's items wake the loop one by one; a single reply waits for the end marker,
+        # so that the loop is woken once per call, not twice.
         try:
-            self._invoke(spec, kwargs, call, route, self._post_reply)
+            self._invoke(spec, kwargs, call, route, self._post_reply if spec.stream else self._queue_reply)
         finally:
             self.outbox.put(None)        # marks the end of one blocking call
-            os.write(self.wake_w, b"x")
+            self._wake()
+
+    def _queue_reply(self, route, reply, frames) -> None:
+        self.outbox.put((route, reply, frames))
 
     def _post_reply(self, route, reply, frames) -> None:
-        self.outbox.put((route, reply, frames))
+        self._queue_reply(route, reply, frames)
         self._wake()
 
     def _wake(self) -> None:
@@ -337,9 +360,9 @@ class Worker:
                 self._send_reply(*item)
 
     def _send_reply(self, route: list, reply: Reply, frames: list[bytes]) -> None:
-        if self.direct:
+        if route[2] is not None:
             try:
-                self.sock.send_multipart([route[1], reply.encode(), *frames], zmq.NOBLOCK)
+                route[2].send_multipart([route[1], reply.encode(), *frames], zmq.NOBLOCK)
             except zmq.ZMQError as e:           # the client went away
                 log.debug("%s: reply dropped: %s", self.actor.name, e)
             return

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
-import threading
 from typing import Callable
 
 log = logging.getLogger("berth.shim.cgroups")
@@ -95,19 +93,19 @@ def stats(paths: dict[str, str]) -> dict:
 
 
 class OomWatcher:
-    """Calls `on_oom` whenever the memory cgroup's OOM killer fires. Best effort: where the kernel
-    offers no v1 notification, `start` logs why and returns False."""
+    """Calls `on_oom` whenever the memory cgroup's OOM killer fires, from the shim's loop: the
+    eventfd (`fileno`) is one more thing its poller waits on, so a running task costs no thread
+    for it. Best effort: where the kernel offers no v1 notification, `start` logs why and returns
+    False."""
 
     def __init__(self, memory_dir: str, on_oom: Callable[[], None]):
         self.dir = memory_dir
         self.on_oom = on_oom
         self.efd = -1
-        self.stop_r = self.stop_w = -1
-        self.thread: threading.Thread | None = None
 
     def start(self) -> bool:
         try:
-            self.efd = os.eventfd(0, os.EFD_CLOEXEC)
+            self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             control = os.open(os.path.join(self.dir, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 with open(os.path.join(self.dir, "cgroup.event_control"), "w") as f:
@@ -116,40 +114,29 @@ class OomWatcher:
                 os.close(control)
         except OSError as e:
             log.info("no OOM notification for %s: %s", self.dir, e)
-            self._close_fds()
+            self.close()
             return False
-        self.stop_r, self.stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.thread = threading.Thread(target=self._run, name="oom", daemon=True)
-        self.thread.start()
         return True
 
-    def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self.efd, select.POLLIN)
-        poller.register(self.stop_r, select.POLLIN)
-        while True:
-            ready = {fd for fd, _ in poller.poll()}
-            if self.efd in ready:                    # first: an OOM kill precedes the exit that stops us
-                os.eventfd_read(self.efd)
-                if not os.path.isdir(self.dir):      # the cgroup went away: that wakes us too
-                    return
-                try:
-                    self.on_oom()
-                except Exception:
-                    log.exception("publishing an OOM event failed")
-            if self.stop_r in ready:
-                return
+    def fileno(self) -> int:
+        return self.efd
+
+    def check(self) -> bool:
+        """Handle what the eventfd holds, if anything; False once the cgroup is gone (that
+        wakes it too), when nothing more can come."""
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            return True
+        if not os.path.isdir(self.dir):
+            return False
+        try:
+            self.on_oom()
+        except Exception:
+            log.exception("publishing an OOM event failed")
+        return True
 
     def close(self) -> None:
-        if self.thread is not None:
-            os.write(self.stop_w, b"x")
-            self.thread.join(2.0)
-            self.thread = None
-        self._close_fds()
-
-    def _close_fds(self) -> None:
-        for name in ("efd", "stop_r", "stop_w"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
+        if self.efd >= 0:
+            os.close(self.efd)
+            self.efd = -1

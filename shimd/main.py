@@ -22,9 +22,9 @@ The task directory (made by the runtime actor, mode 0700; the shim writes only i
     spool/            events berthd has not acknowledged yet (bus.pubsub.Publisher)
     criu-work/        checkpoint and restore scratch space
 
-Threads: the Worker's loop (requests, exits, answers to waiters), its pool (methods that run the
-runtime), the reaper, the publisher's sender, and the OOM and tty-copy threads, each owned and
-joined by what started it. Exits are handled only on the loop, where waiters are answered;
+Threads: the Worker's loop (requests, exits, answers to waiters, OOM notifications), its pool
+(methods that run the runtime), the reaper, the publisher's sender, and the tty-copy threads, each
+owned and joined by what started it. Exits are handled only on the loop, where waiters are answered;
 `lock` guards the task's state between the loop and the pool, and `op_lock` keeps the lifecycle
 commands (create, start, pause, resume, delete, checkpoint, update) from overlapping.
 """
@@ -133,6 +133,7 @@ class Shim:
         self.restore_from: dict | None = None       # create(checkpoint=...) defers to start
         self.cgroup_paths: dict[str, str] = {}
         self.oom: cgroups.OomWatcher | None = None
+        self.loop = None                            # the Worker serving this shim: add_reader, remove_reader
         self.done = False                           # the task is deleted: the shim may exit
         self.runtime_delete_pending = False
         self.pending: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -213,6 +214,8 @@ class Shim:
             del self.by_pid[exit.pid]
             if proc is self.task.init:
                 log.info("%s/%s: init (pid %d) exited with status %d", self.namespace, self.id, exit.pid, exit.status)
+                if self.oom is not None:
+                    self.oom.check()                # an OOM kill is announced before the exit it caused
                 stopped = self.task.init_exited(exit.status, exit.at)
                 kill_all = not stopped and not self.own_pid_namespace
             else:
@@ -232,8 +235,7 @@ class Shim:
             if io is not None:
                 io.exited()
             if proc is self.task.init and self.oom is not None:
-                self.oom.close()
-                self.oom = None
+                self._unwatch_oom()
             result = self._exit_result(proc)
             for answer in self.waiters.pop(proc.exec_id, []):
                 answer(result, None)
@@ -357,11 +359,31 @@ class Shim:
         self.cgroup_paths = cgroups.paths_of(pid)
 
     def _watch_oom(self) -> None:
+        """Once the init runs: its OOM notifications, read on the loop (which owns the poller)."""
         memory = self.cgroup_paths.get("memory")
-        if memory and self.oom is None:
+        if memory and self.oom is None and self.loop is not None:
             watcher = cgroups.OomWatcher(memory, lambda: self._publish("/tasks/oom", {"container_id": self.id}))
             if watcher.start():
-                self.oom = watcher
+                self.post(lambda: self._add_oom_watch(watcher))
+
+    def _add_oom_watch(self, watcher: cgroups.OomWatcher) -> None:
+        with self.lock:
+            running = self.task.init.status in (Status.RUNNING, Status.PAUSED)
+        if not running or self.oom is not None:     # it exited already, or is watched already
+            watcher.check()                         # an OOM kill that came first is still told
+            watcher.close()
+            return
+        self.oom = watcher
+        self.loop.add_reader(watcher.fileno(), self._on_oom_notice)
+
+    def _on_oom_notice(self) -> None:
+        if self.oom is not None and not self.oom.check():
+            self._unwatch_oom()                     # the cgroup is gone
+
+    def _unwatch_oom(self) -> None:
+        self.loop.remove_reader(self.oom.fileno())
+        self.oom.close()
+        self.oom = None
 
     def kill(self, signal: int = 15, all: bool = False, exec_id: str = "") -> None:
         if not 0 < signal < 65:
@@ -641,6 +663,7 @@ class ShimActor(Actor):
 
     def on_start(self) -> None:
         self.worker.add_reader(self.shim.wake_r, self.shim.run_pending)
+        self.shim.loop = self.worker
 
     def on_stop(self) -> None:
         self.shim.release_waiters()

@@ -21,7 +21,7 @@ COMMANDS = {
     "berth": ("berth.cli.main", ("berth", "bus", "zmq", "msgpack", "rich", "tenacity")),
     "berthd": ("actors.supervisor", ("actors", "bus", "shimd", "berth", "zmq", "msgpack", "setproctitle",
                                      "sdnotify", "prometheus_client", "tenacity", "httpx", "httpcore", "h11",
-                                     "anyio", "sniffio", "idna", "certifi", "zstandard", "isal")),
+                                     "anyio", "sniffio", "idna", "certifi", "zstandard", "isal", "re2")),
 }
 
 TEMPLATE = '''#!{python} -S

@@ -1,7 +1,6 @@
 """Printing for the CLI: aligned tables (as ctr's tabwriter), JSON, and one-line errors."""
 from __future__ import annotations
 
-import json
 import sys
 
 
@@ -14,6 +13,7 @@ def table(headers: list[str], rows: list[list], out=None) -> None:
 
 
 def as_json(obj, out=None) -> None:
+    import json                 # here: most commands print tables, and json's import costs them
     (out or sys.stdout).write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -55,6 +56,24 @@ def _kill_pids(pids) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _cpu_seconds(pids) -> float:
+    """User + system time of `pids` and of the children they reaped."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += sum(int(x) for x in fields[11:15])      # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _timed(cmd: list[str], env: dict | None = None) -> float:
@@ -285,9 +304,22 @@ class Runc:
 
 # --- the section ----------------------------------------------------------------------------------
 
+def _median_and_cpu(make_cmd, prefix: str, daemon_pids, env: dict | None = None) -> tuple[float, float, float]:
+    """The median run, and the CPU seconds per run of the client and of the daemon's processes."""
+    daemon, client = _cpu_seconds(daemon_pids), _children_cpu()
+    median = _median_run(make_cmd, prefix, env)
+    runs = WARMUP + RUNS
+    return median, (_children_cpu() - client) / runs, (_cpu_seconds(daemon_pids) - daemon) / runs
+
+
 def _latency(b: Berth, c: Ctrd | None, runc: Runc | None, ref: str) -> None:
-    berth = _median_run(lambda id: b.cmd("run", "--rm", ref, id, "true"), "lat", b.d.env)
-    ctr = _median_run(lambda id: c.cmd("run", "--rm", ref, id, "true"), "lat") if c else None
+    berth, berth_client, berth_daemon = _median_and_cpu(lambda id: b.cmd("run", "--rm", ref, id, "true"), "lat",
+                                                        b.daemon_pids(()), b.d.env)
+    if c:
+        cpids = ({c.c.proc.pid} | descendants(c.c.proc.pid)) - set(c.shim_pids())
+        ctr, ctr_client, ctr_daemon = _median_and_cpu(lambda id: c.cmd("run", "--rm", ref, id, "true"), "lat", cpids)
+    else:
+        ctr = None
     bare = _median_run(runc.cmd, "lat") if runc else None
     print(f"run --rm busybox true, median of {RUNS}:", flush=True)
     print(f"  berth run --rm: {berth * 1e3:7.0f} ms", flush=True)
@@ -296,6 +328,10 @@ def _latency(b: Berth, c: Ctrd | None, runc: Runc | None, ref: str) -> None:
               flush=True)
     if bare:
         print(f"  bare runc run:  {bare * 1e3:7.0f} ms   (reference; berth/runc {_ratio(berth, bare)})", flush=True)
+    print("  CPU per run (the shims' own is not counted: they are not the daemon's children):", flush=True)
+    print(f"    berth: client {berth_client * 1e3:5.0f} ms, berthd {berth_daemon * 1e3:5.0f} ms", flush=True)
+    if ctr:
+        print(f"    ctr:   client {ctr_client * 1e3:5.0f} ms, containerd {ctr_daemon * 1e3:5.0f} ms", flush=True)
 
 
 def _throughput(b: Berth, c: Ctrd | None, ref: str) -> None:

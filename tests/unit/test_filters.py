@@ -72,3 +72,22 @@ def test_limits():
         parse(["a"] * 65)
     with pytest.raises(InvalidArgument):
         parse([7])
+
+
+@pytest.mark.timeout(10)
+def test_a_catastrophic_pattern_matches_in_linear_time():
+    """`(a+)+$` against a's and a final b backtracks for ever in Python's `re`; RE2 answers at once."""
+    m = parse(["name~=(a+)+$"])
+    assert not m.match({"name": "a" * 100_000 + "b"})
+    assert m.match({"name": "a" * 100_000})
+
+
+@pytest.mark.parametrize("pattern", [r"(a)\1", "(?<=x)y", "(?!x)y", "(?L)x"])
+def test_what_re2_refuses_is_invalid_argument(pattern):
+    with pytest.raises(InvalidArgument, match="bad regular expression"):
+        parse([f"name~={pattern}"])
+
+
+def test_patterns_match_characters_not_bytes():
+    assert parse(["name~=^.$"]).match({"name": "é"})
+    assert parse(["name~=é+$"]).match({"name": "café"})
