@@ -19,6 +19,7 @@ import time
 from actors.durable import fsync_dir
 from bus import codec
 from bus.errors import BerthError, InvalidArgument
+from bus.pubsub import forward_address
 from bus.validate import Topic, check_identifier
 from bus.worker import Actor, Call, method
 
@@ -308,4 +309,4 @@ class EventsActor(Actor):
 
 def build(config) -> EventsActor:
     return EventsActor(EventLog(config.path("events"), config.events_log_size), config.events_address,
-                       f"ipc://{os.path.join(config.state, 'events-forward.sock')}")
+                       forward_address(config.state))

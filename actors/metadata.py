@@ -25,7 +25,7 @@ from bus import failpoints
 from bus.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from bus.filters import parse as parse_filters
 from bus.validate import Identifier, Labels, check_digest, check_identifier, check_labels
-from bus.worker import Actor, method
+from bus.worker import Actor, Call, method
 
 log = logging.getLogger("berth.metadata")
 
@@ -252,7 +252,9 @@ class MetadataStore:
 
     def create_container(self, ns: str, id: str, runtime: dict, spec: dict | None = None, image: str = "",
                          snapshotter: str = "", snapshot_key: str = "", labels: dict | None = None,
-                         extensions: dict | None = None) -> dict:
+                         extensions: dict | None = None, release_lease: str = "") -> dict:
+        """With `release_lease`, that lease is deleted in the same transaction: the record now
+        holds what the lease held for it (its snapshot), and GC sees one or the other."""
         check_identifier(id, "container id")
         labels = check_labels(labels or {})
         if not isinstance(runtime.get("name"), str) or not runtime["name"]:
@@ -266,6 +268,8 @@ class MetadataStore:
             db.execute("INSERT INTO containers VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                        (ns, id, image, json.dumps(runtime), _pack(spec), snapshotter, snapshot_key,
                         json.dumps(labels), _pack(extensions or {}), now, now))
+            if release_lease:
+                db.execute("DELETE FROM leases WHERE namespace=? AND id=?", (ns, release_lease))
         self.publish(ns, "/containers/create", {"id": id, "image": image, "runtime": runtime})
         return self.get_container(ns, id)
 
@@ -646,11 +650,14 @@ class MetadataActor(Actor):
             self._schedule_gc()
 
     @method
-    def create_container(self, ns, id: Identifier, runtime: dict, spec: dict | None = None, image: str = "",
-                         snapshotter: str = "", snapshot_key: str = "", labels: Labels | None = None,
-                         extensions: dict | None = None) -> dict:
+    def create_container(self, ns, id: Identifier, runtime: dict, call: Call, spec: dict | None = None,
+                         image: str = "", snapshotter: str = "", snapshot_key: str = "",
+                         labels: Labels | None = None, extensions: dict | None = None,
+                         release_lease: bool = False) -> dict:
+        """`release_lease`: the request's lease only guarded what this record now references
+        (the snapshot made for it): delete it with the record's creation, a request saved."""
         return self.store.create_container(ns, id, runtime, spec, image, snapshotter, snapshot_key, labels,
-                                           extensions)
+                                           extensions, release_lease=(call.lease or "") if release_lease else "")
 
     @method
     def get_container(self, ns, id: Identifier) -> dict:

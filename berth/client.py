@@ -449,12 +449,15 @@ class Containers:
 
     def create(self, id: str, runtime: str | dict = "io.containerd.runc.v2", spec: dict | None = None,
                image: str = "", snapshotter: str = "", snapshot_key: str = "",
-               labels: dict | None = None) -> dict:
+               labels: dict | None = None, *, release_lease: bool = False) -> dict:
+        """`release_lease`: delete the active lease with the record's creation (the record now
+        holds what the lease guarded for it)."""
         runtime = {"name": runtime} if isinstance(runtime, str) else runtime
-        return self.client.call("metadata", "create_container",
-                                {"id": id, "runtime": runtime, "spec": spec, "image": image,
-                                 "snapshotter": snapshotter, "snapshot_key": snapshot_key,
-                                 "labels": labels or {}})
+        args = {"id": id, "runtime": runtime, "spec": spec, "image": image, "snapshotter": snapshotter,
+                "snapshot_key": snapshot_key, "labels": labels or {}}
+        if release_lease:
+            args["release_lease"] = True
+        return self.client.call("metadata", "create_container", args)
 
     def list(self, filters: list[str] | tuple = ()) -> list[dict]:
         return self.client.call("metadata", "list_containers", {"filters": list(filters)}, idempotent=True)
@@ -488,7 +491,13 @@ class Containers:
         client = self.client
         name, mounts = "", []
         config = None
-        with client.lease(expire=600):
+        # A lease guards the snapshot from its prepare until the record references it; the
+        # create deletes it in the same transaction. A client killed meanwhile leaves a lease
+        # that lapses, and GC then takes the snapshot.
+        lease = client.leases.create(expire=600)["id"]
+        previous, client.active_lease = client.active_lease, lease
+        released = False
+        try:
             if image is not None:
                 record = _get_image(client, image) if isinstance(image, str) else image
                 name = record["name"]
@@ -505,7 +514,9 @@ class Containers:
                     spec = self._spec(id, config, spec_opts, mounts, args)
                 made = self.create(id, runtime=runtime, spec=spec, image=name,
                                    snapshotter=snapshotter if image is not None else "",
-                                   snapshot_key=id if image is not None else "", labels=labels)
+                                   snapshot_key=id if image is not None else "", labels=labels,
+                                   release_lease=True)
+                released = True
             except BaseException as e:
                 made = None
                 if isinstance(e, BerthError):
@@ -515,6 +526,11 @@ class Containers:
                         with contextlib.suppress(BerthError):
                             client.snapshots.remove(id, snapshotter=snapshotter)
                     raise
+        finally:
+            client.active_lease = previous
+            if not released:                      # gone already if a create sent again made the record
+                with contextlib.suppress(BerthError):
+                    client.leases.delete(lease)
         return Container(client, made)
 
     def _made_anyway(self, id: str, spec: dict | None, snapshotter: str) -> dict | None:
@@ -705,27 +721,19 @@ _ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "ar
 
 def image_config(client: "Client", image: dict | str) -> tuple[dict, dict]:
     """(config descriptor, parsed config) of an image record or name, for this host's platform
-    where the image is an index."""
+    where the image is an index: the content store walks index and manifest, in one request."""
     import json
     record = _get_image(client, image) if isinstance(image, str) else image
-    desc = record["target"]
-    for _ in range(4):                             # an index of indexes is allowed, a loop is not
-        doc = json.loads(_read_blob(client, desc))
-        if desc.get("mediaType") not in INDEX_TYPES and "manifests" not in doc:
-            break
-        machine = os.uname().machine
-        arch = _ARCHES.get(machine, machine)
-        found = [m for m in doc.get("manifests") or []
-                 if (m.get("platform") or {}).get("os", "linux") == "linux"
-                 and (m.get("platform") or {}).get("architecture", arch) == arch]
-        if not found:
-            raise NotFound(f"image {record['name']} has no manifest for linux/{arch}")
-        desc = found[0]
-    config_desc = doc.get("config")
-    if not isinstance(config_desc, dict) or "digest" not in config_desc:
-        raise InvalidArgument(f"image {record['name']}: its manifest names no config")
-    config = json.loads(_read_blob(client, config_desc))
-    return config_desc, config
+    machine = os.uname().machine
+    platform = f"linux/{_ARCHES.get(machine, machine)}"
+    try:
+        result, frames = client.call("content", "image_config", {"target": record["target"], "platform": platform},
+                                     with_frames=True)
+    except (NotFound, InvalidArgument) as e:
+        raise type(e)(f"image {record['name']}: {e}") from None
+    config_desc = result["config"]
+    data = frames[0] if frames else client.content.read_all(config_desc["digest"])
+    return config_desc, json.loads(data)
 
 
 def _write_json_blob(client: "Client", ref: str, media_type: str, doc: dict, labels: dict | None = None) -> dict:

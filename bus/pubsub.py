@@ -4,10 +4,12 @@ A publisher writes each event to its spool directory before returning, then a se
 forwards spooled events to the events actor in order and deletes each one once it is
 acknowledged. The events actor accepts an event id once, so a resend after a crash is harmless.
 
-The first event goes through the router; the events actor's answer names its own socket
-(`forward`), and the next ones go there, which spares the router two hops per event. When a send
-there fails (the actor died or is restarting), the next try goes through the router again, which
-holds a request until the actor is back, and its answer leads the sender back to the short way.
+Events go to the events actor's own socket (`forward`), which spares the router two hops per
+event: a publisher that knows it (a shim is told it by the zygote, see `forward_address`) sends
+there from the first event, one that does not sends its first through the router, whose answer
+names it. When a send there fails (the actor died or is restarting), the next try goes through the
+router again, which holds a request until the actor is back, and its answer leads the sender back
+to the short way.
 
 The spool is not fsync'd: it outlives the publisher's crash (the page cache keeps it), and what
 must outlive the machine's is kept elsewhere (a shim fsyncs each exit record before publishing).
@@ -28,9 +30,16 @@ log = logging.getLogger("berth.publisher")
 DIRECT_TIMEOUT = 1.0       # a forward is an append: slower than this, the router's way is as good
 
 
+def forward_address(state: str) -> str:
+    """The events actor's own socket for `forward`, under berthd's state directory."""
+    return f"ipc://{os.path.join(state, 'events-forward.sock')}"
+
+
 class Publisher:
-    def __init__(self, address: str, spool_dir: str):
+    def __init__(self, address: str, spool_dir: str, forward: str = ""):
+        """`address`: berthd's client socket; `forward`: the events actor's own, if known."""
         self.address = address
+        self.forward = forward or None
         self.spool_dir = spool_dir
         os.makedirs(spool_dir, mode=0o700, exist_ok=True)
         self.counter = 0
@@ -71,7 +80,7 @@ class Publisher:
     def _send_loop(self) -> None:
         from bus.client import Connection
         conn, direct = None, False
-        forward = None                      # the events actor's own socket, as its answers say
+        forward = self.forward              # the events actor's own socket, as its answers say
         backoff = 0.05
         while True:
             names = sorted(n for n in os.listdir(self.spool_dir) if not n.startswith("."))

@@ -319,32 +319,29 @@ class Peer:
         del self.rbuf[:have]
         view = memoryview(out)
         while have < n:
-            if not self._wait(select.POLLIN, deadline):
-                raise _Late
-            try:
-                got = self.sock.recv_into(view[have:])
-            except BlockingIOError:
-                continue
-            except OSError as e:
-                raise Hangup(f"closed the connection ({e.strerror})") from None
-            if not got:
-                raise Hangup("closed the connection")
-            have += got
+            have += self._receive(lambda: self.sock.recv_into(view[have:]), deadline)
         return bytes(out)
 
     def _read(self, deadline: float) -> None:
         """More bytes into rbuf: what the kernel has, once it has some."""
+        data = self._receive(lambda: self.sock.recv(READ_CHUNK), deadline)
+        if data:
+            self.rbuf += data
+
+    def _receive(self, recv, deadline: float):
+        """`recv()` once the socket is readable: what it returns (0 for a spurious wake-up).
+        A peer that closed or reset is a Hangup."""
         if not self._wait(select.POLLIN, deadline):
             raise _Late
         try:
-            data = self.sock.recv(READ_CHUNK)
+            got = recv()
         except BlockingIOError:
-            return
+            return 0
         except OSError as e:
             raise Hangup(f"closed the connection ({e.strerror})") from None
-        if not data:
+        if not got:
             raise Hangup("closed the connection")
-        self.rbuf += data
+        return got
 
     def _wait(self, event: int, deadline: float) -> bool:
         """Whether the socket became ready for `event` (or hung up) before the deadline."""

@@ -756,8 +756,9 @@ def serve(spec: dict, ready_fd: int = -1) -> int:
     """Run the shim in this process until its task is deleted (or it is shut down).
 
     `spec`: namespace, id, bundle, task_dir, runtime, runtime_root, address (berthd's client
-    socket, where events go), log_level. `ready_fd`: where `{"pid": N}` (or `{"error": ...}`) is
-    written once the socket is bound; -1 for none.
+    socket, where events go), forward (the events actor's own socket, if known), log_level.
+    `ready_fd`: where `{"pid": N}` (or `{"error": ...}`) is written once the socket is bound; -1
+    for none.
     """
     from setproctitle import setproctitle
 
@@ -771,7 +772,7 @@ def serve(spec: dict, ready_fd: int = -1) -> int:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
         os.makedirs(task_dir, mode=0o700, exist_ok=True)
         os.chmod(task_dir, 0o700)
-        publisher = Publisher(spec["address"], os.path.join(task_dir, "spool"))
+        publisher = Publisher(spec["address"], os.path.join(task_dir, "spool"), spec.get("forward", ""))
         shim = Shim(namespace, id, spec["bundle"], task_dir, spec["runtime"], spec["runtime_root"], publisher)
         sock = os.path.join(task_dir, "shim.sock")
         _unlink(sock)

@@ -144,18 +144,20 @@ class Runtime:
             log_offset = os.path.getsize(self.log_path)
         except FileNotFoundError:
             log_offset = 0
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        out = err = -1
+        try:
             if stdio is None:
-                stdio = (_devnull(), out.fileno(), err.fileno())
-            cmd = self.reaper.spawn(self.argv(*args), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2],
-                                    close_fds=True, cwd="/")
-            status = cmd.wait(timeout or self.timeout)
-            out.seek(0)
-            output = out.read()
+                out, err = _scratch(), _scratch()
+                stdio = (_devnull(), out, err)
+            status = self.reaper.spawn(self.argv(*args), *stdio).wait(timeout or self.timeout)
             if status == 0:
-                return output
-            err.seek(0)
-            reason = self._reason(log_offset) or err.read().decode(errors="replace").strip() or f"exit status {status}"
+                return _read_all(out) if out >= 0 else b""
+            reason = (self._reason(log_offset) or (_read_all(err).decode(errors="replace").strip() if err >= 0 else "")
+                      or f"exit status {status}")
+        finally:
+            for fd in (out, err):
+                if fd >= 0:
+                    os.close(fd)
         log.debug("%s %s failed: %s", self.name, args[0], reason)
         if _missing(reason, self.root):
             raise NotFound(f"{self.name} {args[0]}: {reason}")
@@ -183,6 +185,25 @@ class Runtime:
 def _missing(reason: str, root: str) -> bool:
     """runc: "container does not exist"; crun: its state directory under the root cannot be opened."""
     return "does not exist" in reason or ("No such file or directory" in reason and root in reason)
+
+
+def _scratch() -> int:
+    """An unnamed file for a command's output (O_TMPFILE: one system call, nothing to remove)."""
+    try:
+        return os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:                     # a file system without O_TMPFILE
+        fd, path = tempfile.mkstemp()
+        os.unlink(path)
+        return fd
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 16, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 _DEVNULL: int | None = None

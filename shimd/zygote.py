@@ -7,7 +7,8 @@ that starts a new session and exits at once (the zygote reaps it), so the spare'
 (or the nearest subreaper), never berthd, and nothing that happens to berthd, the runtime actor or
 the zygote reaches it. The spare has already closed every inherited descriptor (berthd's
 directory locks among them), reset signal dispositions and mask, cleared PR_SET_PDEATHSIG and
-pointed its stdio at /dev/null; it waits on a socket of its own for a task. Each `spawn` is
+pointed its stdio at /dev/null, and made the ZeroMQ context the shim will serve with (the spare
+never forks); it waits on a socket of its own for a task. Each `spawn` is
 handed to the spare, which logs to its task directory's shim.log and serves, and the zygote
 forks the next spare. A spare whose zygote goes exits.
 
@@ -28,13 +29,16 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import time
 
+import zmq
 from setproctitle import setproctitle
 
 from actors.template import die_with_parent
 from bus import codec
 from bus.errors import DeadlineExceeded, InvalidArgument, Unavailable, from_wire
+from bus.pubsub import forward_address
 from bus.validate import check_identifier
 from shimd.main import failure, tell
 
@@ -63,6 +67,7 @@ class Zygote:
         defaults = {}
         if config is not None:
             defaults = {"address": config.address, "state": config.state,
+                        "forward": forward_address(config.state),
                         "log_level": getattr(config, "log_level", "info")}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         parent = os.getpid()
@@ -83,8 +88,9 @@ class Zygote:
               options: dict | None = None, timeout: float = 30.0) -> int:
         """Start the shim of one task; returns its pid once its socket answers.
 
-        `options`: `address` (berthd's client socket: events go there), `runtime_root` (the
-        runtime's --root; default `<state>/<runtime>/<namespace>`), `state`, `log_level`.
+        `options`: `address` (berthd's client socket: events go there), `forward` (the events
+        actor's own socket, tried first: bus.pubsub), `runtime_root` (the runtime's --root;
+        default `<state>/<runtime>/<namespace>`), `state`, `log_level`.
         Safe to call from several threads at once."""
         check_identifier(namespace, "namespace")
         check_identifier(id, "id")
@@ -158,6 +164,7 @@ def _serve(sock: socket.socket, defaults: dict, parent: int) -> int:
     _close_fds_except(0, 1, 2, sock.fileno())
     for module in PRELOAD:                           # imported once, shared by every shim
         importlib.import_module(module)
+    tempfile.gettempdir()                            # found once (it writes a probe file), not by each shim
     gc.collect()
     gc.freeze()
     spare = Spare.fork(sock)
@@ -241,13 +248,17 @@ def _wait_as_spare(sock: socket.socket, zygote: int) -> None:
     try:
         setproctitle(f"berth-shim: spare of {zygote}")
         ctl = _detach(sock.detach())
-        data, fds, _, _ = socket.recv_fds(socket.socket(fileno=ctl), MAX_REQUEST, 1)
+        # The shim's ZeroMQ context (shimd.main's Worker takes it) and its threads, which libzmq
+        # starts with the first socket: made while the spare is idle rather than while a create
+        # waits. From here on nothing sweeps descriptors: the context's are open.
+        zmq.Context.instance().socket(zmq.ROUTER).close(linger=0)
+        with socket.socket(fileno=ctl) as control:
+            data, fds, _, _ = socket.recv_fds(control, MAX_REQUEST, 1)
         if not data or len(fds) != 1:
             os._exit(0)                              # the zygote is gone: so are we
         request = codec.unpack(data)
         ready = fcntl.fcntl(fds[0], fcntl.F_DUPFD_CLOEXEC, 3)
         os.close(fds[0])
-        _close_fds_except(ready)
     except BaseException as e:
         log.exception("a spare shim failed")
         tell(ready, {"error": failure(e)})
@@ -299,6 +310,7 @@ def _run_shim(request: dict, ready: int) -> int:
     spec = {
         "namespace": request["namespace"], "id": request["id"], "bundle": request["bundle"],
         "task_dir": request["task_dir"], "runtime": runtime, "address": options.get("address", ""),
+        "forward": options.get("forward", ""),
         "runtime_root": options.get("runtime_root")
         or os.path.join(state, os.path.basename(runtime), request["namespace"]),
     }

@@ -8,7 +8,7 @@ from berth.cli.output import add_format, as_json, table
 def register(sub) -> None:
     p = sub.add_parser("debug", help="inspect berthd itself")
     cmds = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    a = cmds.add_parser("actors", help="the actors: pid, status, restarts, queue depths")
+    a = cmds.add_parser("actors", help="the actors: pid, status, restarts, renewals, queue depths")
     add_format(a)
     a.set_defaults(func=actors)
     i = cmds.add_parser("info", help="daemon paths, addresses and version")
@@ -34,10 +34,10 @@ def actors(client, args) -> int:
         as_json(state)
         return 0
     queued = state["router"]["queued"]
-    rows = [[a["name"], a["pid"] or "-", a["status"], a["restarts"], f"{a['uptime']:.0f}s",
+    rows = [[a["name"], a["pid"] or "-", a["status"], a["restarts"], a.get("renewals", 0), f"{a['uptime']:.0f}s",
              queued.get(a["name"], 0), a["stats"].get("in_flight", 0), ",".join(a["requires"]) or "-"]
             for a in state["actors"]]
-    table(["ACTOR", "PID", "STATUS", "RESTARTS", "UPTIME", "QUEUED", "IN-FLIGHT", "REQUIRES"], rows)
+    table(["ACTOR", "PID", "STATUS", "RESTARTS", "RENEWALS", "UPTIME", "QUEUED", "IN-FLIGHT", "REQUIRES"], rows)
     return 0
 
 

@@ -171,12 +171,13 @@ def test_debug_actors_lists_every_actor_running(daemon):
     pids = daemon.actor_pids()
     lines = daemon.cli("debug", "actors").stdout.splitlines()
     header = lines[0].split()
-    assert header[:3] == ["ACTOR", "PID", "STATUS"]
+    assert header[:5] == ["ACTOR", "PID", "STATUS", "RESTARTS", "RENEWALS"]
     rows = {line.split()[0]: line.split() for line in lines[1:] if line.strip()}
     assert sorted(rows) == sorted(ACTOR_NAMES)
     for name, row in rows.items():
         assert row[1] == str(pids[name]), row
         assert row[2] == "running", row
+        assert row[3:5] == ["0", "0"], row
 
     # The same, as JSON.
     state = json.loads(daemon.cli("debug", "actors", "--format", "json").stdout)

@@ -181,6 +181,7 @@ def test_run_prints_the_output_and_exits_with_the_containers_status(berth):
     berth.assert_gone(cid)
     assert berth.cli("containers", "ls", "-q").stdout.split() == []
     assert cid not in berth.cli("snapshots", "ls", "-q").stdout.split()
+    assert berth.cli("leases", "ls", "-q").stdout.split() == []
     assert [t for t, _ in berth.events(cid=cid)] == ["/tasks/create", "/tasks/start", "/tasks/exit",
                                                     "/tasks/delete"]
 
@@ -325,6 +326,11 @@ def test_containers_create_then_tasks_start(berth):
     berth.cli("containers", "create", "--env", "WHO=world", berth.image, cid, "sh", "-c", 'echo "hello $WHO"')
     info = json.loads(berth.cli("containers", "info", cid).stdout)
     assert info["snapshot_key"] == cid and info["spec"]["process"]["args"][0] == "sh"
+    # The lease that held the snapshot until the record existed went with the record's creation;
+    # the record holds the snapshot against GC now.
+    assert berth.cli("leases", "ls", "-q").stdout.split() == []
+    berth.cli("gc")
+    assert cid in berth.cli("snapshots", "ls", "-q").stdout.split()
     assert berth.cli("tasks", "start", cid).stdout == "hello world\n"
     assert berth.cli("tasks", "ls", "-q").stdout.split() == []
     berth.cli("containers", "rm", cid)

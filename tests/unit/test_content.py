@@ -434,3 +434,46 @@ def test_fsck_reports_a_truncated_blob_and_one_replaced_by_a_symlink(store):
     report = store.fsck()
     problems = {d["digest"]: (d["problem"], d["actual_size"]) for d in report["corrupt"]}
     assert problems == {dgst(short): ("digest mismatch", 10), dgst(linked): ("not a regular file", None)}
+
+
+def _json(store, ns, ref, doc):
+    """`doc` stored as a JSON blob; its descriptor."""
+    import json
+    data = json.dumps(doc).encode()
+    return {"digest": ingest(store, ns, ref, data)["digest"], "size": len(data)}
+
+
+def test_image_config_through_an_index_for_the_platform(store):
+    config = b'{"rootfs": {"diff_ids": []}}'
+    config_desc = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": dgst(config),
+                   "size": len(config)}
+    ingest(store, "ns", "config", config)
+    other = _json(store, "ns", "other", {"config": {"digest": dgst(b"x"), "size": 1}})
+    manifest = _json(store, "ns", "manifest", {"config": config_desc, "layers": []})
+    index = _json(store, "ns", "index", {"manifests": [
+        dict(other, platform={"os": "linux", "architecture": "s390x"}),
+        dict(manifest, platform={"os": "linux", "architecture": "amd64"})]})
+    index["mediaType"] = "application/vnd.oci.image.index.v1+json"
+    assert store.image_config("ns", index, "linux/amd64") == (config_desc, config)
+    assert store.image_config("ns", manifest, "linux/arm64") == (config_desc, config)   # a manifest is for any
+    with pytest.raises(NotFound, match="no manifest for linux/arm64"):
+        store.image_config("ns", index, "linux/arm64")
+    with pytest.raises(NotFound):                       # namespaces see only their own content
+        store.image_config("other-ns", manifest, "linux/amd64")
+
+
+def test_image_config_of_a_bad_manifest_is_invalid(store):
+    no_config = _json(store, "ns", "m1", {"layers": []})
+    with pytest.raises(InvalidArgument, match="names no config"):
+        store.image_config("ns", no_config, "linux/amd64")
+    ingest(store, "ns", "m2", b"not json")
+    with pytest.raises(InvalidArgument, match="not JSON"):
+        store.image_config("ns", {"digest": dgst(b"not json"), "size": 8}, "linux/amd64")
+    with pytest.raises(InvalidArgument):
+        store.image_config("ns", {"digest": "sha256:nothex"}, "linux/amd64")
+
+
+def test_image_config_leaves_a_config_too_big_for_one_read_to_the_caller(store):
+    big = {"digest": dgst(b"big"), "size": MAX_READ + 1}
+    manifest = _json(store, "ns", "m", {"config": big})
+    assert store.image_config("ns", manifest, "linux/amd64") == (big, None)

@@ -111,6 +111,26 @@ def test_container_record_roundtrip(store):
         store.get_container("a", "web")
 
 
+def test_container_create_can_release_the_lease_that_held_its_snapshot(store):
+    lease = store.create_lease("a", expire=600)["id"]
+    store.add_lease_resource("a", lease, "snapshots/overlayfs", "web")
+    kept = store.create_lease("a", expire=600)["id"]
+    store.create_container("a", "web", {"name": "runc"}, snapshotter="overlayfs", snapshot_key="web",
+                           release_lease=lease)
+    assert [x["id"] for x in store.list_leases("a")] == [kept]
+    assert ("overlayfs", "web") in store.gc_roots()["a"]["snapshots"]      # the record holds it now
+    store.create_container("a", "db", {"name": "runc"})                    # no release: leases stay
+    assert [x["id"] for x in store.list_leases("a")] == [kept]
+
+
+def test_failed_container_create_keeps_the_lease(store):
+    store.create_container("a", "web", {"name": "runc"})
+    lease = store.create_lease("a", expire=600)["id"]
+    with pytest.raises(AlreadyExists):
+        store.create_container("a", "web", {"name": "runc"}, release_lease=lease)
+    assert [x["id"] for x in store.list_leases("a")] == [lease]
+
+
 def test_container_id_is_an_identifier(store):
     with pytest.raises(InvalidArgument):
         store.create_container("a", "../web", {"name": "r"})
