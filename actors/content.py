@@ -37,6 +37,7 @@ from typing import Annotated, Callable
 
 from berth.labels import GC_PREFIX
 from actors.durable import fsync_dir
+from actors.transfer import PlatformMatcher, is_index
 from bus import failpoints, filters as filter_syntax
 from bus.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                         ResourceExhausted, Unavailable)
@@ -52,8 +53,6 @@ HASH_CHUNK = 1 << 20
 STALE_WRITER = 120.0        # seconds idle after which another writer_open may take a ref over
 TMP = ".tmp-"               # prefix of anything a crash may leave half-done; removed at startup
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
-               "application/vnd.docker.distribution.manifest.list.v2+json")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -201,20 +200,20 @@ class ContentStore:
         finally:
             os.close(fd)
 
-    def image_config(self, ns: str, target: dict, platform: str) -> tuple[dict, bytes | None]:
-        """The config descriptor an image's target leads to for `platform` ("os/arch"), through
-        an index (of indexes) when it is one, and the config's bytes when they fit in one read:
-        what `run` needs, in one request instead of a read per blob."""
-        want_os, _, want_arch = platform.partition("/")
+    def image_config(self, ns: str, target: dict, platform: str = "") -> tuple[dict, bytes | None]:
+        """The config descriptor an image's target leads to for `platform` (os/arch[/variant];
+        "": berthd's host), through an index (of indexes) taking the entry a pull takes, and the
+        config's bytes when they fit in one read: what `run` needs, in one request."""
+        matcher = PlatformMatcher(platform or None)
         desc = target
         for _ in range(4):                         # an index of indexes is allowed, a loop is not
             doc = self._json_blob(ns, desc)
-            if desc.get("mediaType") not in INDEX_TYPES and "manifests" not in doc:
+            media_type = desc.get("mediaType")
+            if not (isinstance(media_type, str) and is_index(media_type)) and "manifests" not in doc:
                 break
-            found = [m for m in doc.get("manifests") or [] if _for_platform(m, want_os, want_arch)]
-            if not found:
-                raise NotFound(f"no manifest for {platform}")
-            desc = found[0]
+            desc = _best_entry(matcher, doc.get("manifests"))
+            if desc is None:
+                raise NotFound(f"no manifest for {matcher}")
         config = doc.get("config")
         if not isinstance(config, dict) or "digest" not in config:
             raise InvalidArgument("its manifest names no config")
@@ -717,7 +716,7 @@ class ContentActor(Actor):
         return Bulk({"offset": offset, "size": len(data)}, [data])
 
     @method(blocking=True)
-    def image_config(self, ns: str, target: dict, platform: str) -> Bulk:
+    def image_config(self, ns: str, target: dict, platform: str = "") -> Bulk:
         config, data = self.store.image_config(ns, target, platform)
         return Bulk({"config": config}, [] if data is None else [data])
 
@@ -786,10 +785,15 @@ def build(config) -> ContentActor:
     return ContentActor(store, publisher)
 
 
-def _for_platform(manifest, os_name: str, arch: str) -> bool:
-    """Whether an index entry is for this platform; one that names none is taken for any."""
-    platform = manifest.get("platform") if isinstance(manifest, dict) else None
-    if not isinstance(manifest, dict) or not isinstance(platform, (dict, type(None))):
-        return False
-    platform = platform or {}
-    return platform.get("os", os_name) == os_name and platform.get("architecture", arch) == arch
+def _best_entry(matcher: PlatformMatcher, entries) -> dict | None:
+    """The index entry the matcher ranks best (the first of equals); None when none fits."""
+    ranked = []
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        platform = entry.get("platform") if isinstance(entry, dict) else False
+        if platform is not None and not (isinstance(platform, dict) and all(
+                isinstance(platform.get(key, ""), str) for key in ("os", "architecture", "variant"))):
+            continue
+        rank = matcher.rank(platform)
+        if rank is not None:
+            ranked.append((rank, i, entry))
+    return min(ranked, key=lambda r: r[:2])[2] if ranked else None

@@ -708,27 +708,20 @@ def _matcher(filters):
 
 # --- containers, tasks and their stdio -------------------------------------------------------------
 
-INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
-               "application/vnd.docker.distribution.manifest.list.v2+json")
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CHECKPOINT_CONFIG_TYPE = "application/vnd.berth.checkpoint.config.v1+json"   # the container's OCI spec
 CHECKPOINT_LAYER_TYPE = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 WAIT_SLICE = 300.0            # seconds one wait request may block in berthd; the client asks again
-_ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm",
-           "armv6l": "arm", "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x",
-           "riscv64": "riscv64"}
 
 
 def image_config(client: "Client", image: dict | str) -> tuple[dict, dict]:
-    """(config descriptor, parsed config) of an image record or name, for this host's platform
-    where the image is an index: the content store walks index and manifest, in one request."""
+    """(config descriptor, parsed config) of an image record or name, for berthd's platform
+    where the image is an index (the entry a pull takes): the content store walks index and
+    manifest, in one request."""
     import json
     record = _get_image(client, image) if isinstance(image, str) else image
-    machine = os.uname().machine
-    platform = f"linux/{_ARCHES.get(machine, machine)}"
-    try:
-        result, frames = client.call("content", "image_config", {"target": record["target"], "platform": platform},
-                                     with_frames=True)
+    try:                                           # berthd's host platform: the one it runs containers on
+        result, frames = client.call("content", "image_config", {"target": record["target"]}, with_frames=True)
     except (NotFound, InvalidArgument) as e:
         raise type(e)(f"image {record['name']}: {e}") from None
     config_desc = result["config"]

@@ -477,3 +477,19 @@ def test_image_config_leaves_a_config_too_big_for_one_read_to_the_caller(store):
     big = {"digest": dgst(b"big"), "size": MAX_READ + 1}
     manifest = _json(store, "ns", "m", {"config": big})
     assert store.image_config("ns", manifest, "linux/amd64") == (big, None)
+
+
+def test_image_config_takes_the_index_entry_a_pull_takes(store):
+    """Ranked as transfer.PlatformMatcher ranks for a pull: the exact platform before one that
+    names none, and a bad platform is no match rather than an error."""
+    config = b'{"rootfs": {"diff_ids": ["sha256:' + b"a" * 64 + b'"]}}'
+    config_desc = {"digest": dgst(config), "size": len(config)}
+    ingest(store, "ns", "config", config)
+    manifest = _json(store, "ns", "manifest", {"config": config_desc, "layers": []})
+    anywhere = _json(store, "ns", "anywhere", {"config": {"digest": dgst(b"x"), "size": 1}})
+    index = _json(store, "ns", "index", {"manifests": [
+        anywhere, dict(anywhere, platform={"os": 7}), "junk",
+        dict(manifest, platform={"os": "linux", "architecture": "aarch64"})]})
+    assert store.image_config("ns", index, "linux/arm64") == (config_desc, config)
+    with pytest.raises(InvalidArgument):
+        store.image_config("ns", index, "not a platform")
