@@ -183,7 +183,7 @@ class Worker:
     def serve_direct(self, sock) -> None:
         """Take requests on a ROUTER socket of the actor's own as well, as a shim does on its
         only one: for peers that call it often, a hop through the router saved each time."""
-        self.readers[sock] = lambda: self._drain_socket(sock, direct=True)
+        self.add_reader(sock, lambda: self._drain_socket(sock, direct=True))
 
     def every(self, interval: float, fn: Callable[[], None]) -> None:
         self.timers.append([time.monotonic() + interval, interval, fn])
