@@ -14,7 +14,8 @@ import os
 import sqlite3
 import time
 
-from berth.client import INDEX_TYPES, Client, image_config, top_chain_id
+from actors.transfer import INDEX_TYPES
+from berth.client import Client, image_config, top_chain_id
 from bus.errors import NotFound
 from tests.chaos.workload import EXIT, Outcome, Subscriber
 from tests.integration.test_run import mounts_under
