@@ -90,6 +90,7 @@ class _Writer:
     started_at: float = 0.0
     updated_at: float = 0.0
     closed: bool = False
+    owner: str | None = None       # the writing process, as process_identity() names it
     mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def status(self) -> dict:
@@ -239,15 +240,19 @@ class ContentStore:
     # --- ingests ----------------------------------------------------------------------------
 
     def writer_open(self, ns: str, ref: str, total: int | None = None,
-                    expected: str | None = None) -> dict:
+                    expected: str | None = None, owner: str | None = None) -> dict:
         """Lock `ref` for one writer and create or resume its ingest; the status's `offset` is
-        where the next write goes."""
+        where the next write goes. `owner` names the writing process (process_identity): once
+        it is gone, its writer is taken over at once rather than after `stale_writer`."""
         check_ref(ref)
+        if owner is not None and not _IDENTITY.fullmatch(owner):
+            raise InvalidArgument(f"owner {owner[:40]!r} is not a process identity (pid:starttime)")
         if total is not None and total < 0:
             raise InvalidArgument(f"total {total} must not be negative")
         if expected is not None and self._row(ns, check_digest(expected)) is not None:
             raise AlreadyExists(f"content {expected}: already exists")
-        return self._open(ns, ref, self._ingest_path(ns, ref), total, expected, create=True).status()
+        return self._open(ns, ref, self._ingest_path(ns, ref), total, expected, create=True,
+                          owner=owner).status()
 
     def write(self, ns: str, ref: str, offset: int, data: bytes) -> dict:
         """Append `data` at `offset`, which must be where the ingest ends. A resent chunk whose
@@ -460,11 +465,11 @@ class ContentStore:
     # --- internals --------------------------------------------------------------------------
 
     def _open(self, ns: str, ref: str, path: str, total: int | None, expected: str | None,
-              create: bool) -> _Writer:
+              create: bool, owner: str | None = None) -> _Writer:
         """Claim (ns, ref) in the writer table, then lock and load the ingest outside the table
         lock: a resume rehashes the data file, which may take a while."""
         key = (ns, ref)
-        w = _Writer(ns, ref, path)
+        w = _Writer(ns, ref, path, owner=owner)
         w.mutex.acquire()
         try:
             with self._writers_lock:
@@ -482,14 +487,15 @@ class ContentStore:
             w.mutex.release()
 
     def _evict(self, old: _Writer) -> bool:
-        """A closed writer is gone; an idle one past `stale_writer` is taken over (its client
-        vanished without writer_close); a busy or recently used one keeps its lock."""
+        """A closed writer is gone; an idle one whose owner is gone, or idle past `stale_writer`,
+        is taken over (its client vanished without writer_close); a busy or recently used one
+        keeps its lock."""
         if old.closed:
             return True
         if not old.mutex.acquire(blocking=False):
             return False
         try:
-            if old.closed or self.clock() - old.updated_at >= self.stale_writer:
+            if old.closed or self.clock() - old.updated_at >= self.stale_writer or _gone(old.owner):
                 log.info("ref %r: taking over a writer idle since %s", old.ref, old.updated_at)
                 _close(old)
                 return True
@@ -640,6 +646,32 @@ def _lock_ingest(path: str, ref: str) -> int:
     return fd
 
 
+_IDENTITY = re.compile(r"[1-9][0-9]{0,9}:[0-9]{1,20}")
+
+
+def process_identity(pid: int | None = None) -> str:
+    """'pid:starttime': a process, as long as it lives (a pid alone may name a later one)."""
+    pid = pid or os.getpid()
+    return f"{pid}:{_start_time(pid)}"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot; None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] == b"Z" else fields[19].decode()
+
+
+def _gone(owner: str | None) -> bool:
+    if owner is None:
+        return False
+    pid, _, started = owner.partition(":")
+    return _start_time(int(pid)) != started
+
+
 def _close(w: _Writer) -> None:
     w.closed = True
     for fd in (w.fd, w.lock_fd):
@@ -722,9 +754,9 @@ class ContentActor(Actor):
 
     @method(blocking=True)
     def writer_open(self, ns: str, ref: Ref, call: Call, total: int | None = None,
-                    expected: Digest | None = None) -> dict:
+                    expected: Digest | None = None, owner: str | None = None) -> dict:
         self._hold(call, ns, "ingests", ref)
-        return self.store.writer_open(ns, ref, total, expected)
+        return self.store.writer_open(ns, ref, total, expected, owner)
 
     @method(blocking=True)
     def write(self, ns: str, ref: Ref, offset: int, call: Call) -> dict:

@@ -464,6 +464,17 @@ def gc_refs(labels: dict) -> set[str]:
     return {v for k, v in labels.items() if k.startswith(GC_REF_CONTENT)}
 
 
+def union_roots(*reads: dict[str, dict[str, set]]) -> dict[str, dict[str, set]]:
+    """The roots of several reads of `gc_roots`, together."""
+    roots: dict[str, dict[str, set]] = {}
+    for read in reads:
+        for ns, kinds in read.items():
+            mine = roots.setdefault(ns, {kind: set() for kind in kinds})
+            for kind, members in kinds.items():
+                mine[kind] |= members
+    return roots
+
+
 def mark(graph: dict[str, dict[str, dict]], roots: dict[str, dict[str, set]]) -> dict[str, set[str]]:
     """Everything reachable, per namespace: from the roots and `gc.root`-labelled blobs, along
     the blobs' `gc.ref.content` labels (index -> manifests, manifest -> config and layers)."""
@@ -557,11 +568,16 @@ class MetadataActor(Actor):
         with self.gc_lock:
             started = time.monotonic()
             roots = self.store.gc_roots()
+            failpoints.fail("metadata.gc")
             graph = self.call("content", "gc_graph")
+            snapshots = self.call("snapshot", "gc_graph")
+            # A blob or snapshot made while the graphs were read is in its lease before it
+            # exists, so the roots read again now hold it; the first read keeps what was
+            # released meanwhile.
+            roots = union_roots(roots, self.store.gc_roots())
             live = mark(graph, roots)
             remove = [[ns, d] for ns, blobs in graph.items() for d in blobs if d not in live[ns]]
             leased = [[ns, ref] for ns, r in roots.items() for ref in r["ingests"]]
-            snapshots = self.call("snapshot", "gc_graph")
             live_snapshots = mark_snapshots(snapshots, snapshot_roots(live, graph, roots))
             removed_snapshots = 0
             for snapshotter, rows in snapshots.items():

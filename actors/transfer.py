@@ -1390,7 +1390,11 @@ class ContentProxy:
         return self._call("update", ns, {"digest": digest, "labels": labels, "fieldpaths": list(fieldpaths)})
 
     def writer_open(self, ns: str, ref: str, total: int | None = None, expected: str | None = None) -> dict:
-        return self._call("writer_open", ns, {"ref": ref, "total": total, "expected": expected})
+        """Opened as this process's: should it die mid-write (a redelivered pull then writes the
+        same ref), the content actor hands the writer over at once."""
+        from actors.content import process_identity
+        return self._call("writer_open", ns, {"ref": ref, "total": total, "expected": expected,
+                                              "owner": process_identity()})
 
     def write(self, ns: str, ref: str, offset: int, data: bytes) -> dict:
         return self._call("write", ns, {"ref": ref, "offset": offset}, frames=[data])

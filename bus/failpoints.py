@@ -44,7 +44,7 @@ MAX_NAME = 160
 # Every site in the code. Scoped sites take more words after their name (see `fail`).
 SITES = frozenset({
     "router.forward", "worker.dispatch",
-    "content.write", "content.commit", "metadata.commit", "snapshot.commit", "snapshot.apply",
+    "content.write", "content.commit", "metadata.commit", "metadata.gc", "snapshot.commit", "snapshot.apply",
     "transfer.fetch", "runtime.create", "runtime.spawn", "runtime.created", "runtime.started", "runtime.delete",
     "shim.create", "shim.start", "shim.kill", "shim.delete", "events.publish",
 })

@@ -267,6 +267,7 @@ class Shim:
                 self._take_early(pid)
             if pid:
                 self.cgroup_paths = cgroups.paths_of(pid)
+                self._watch_oom()       # before start: a task may hit its limit at once
             return {"pid": pid}
 
     def _create(self, stdin, stdout, stderr, terminal, log_path, checkpoint) -> int:
@@ -341,7 +342,6 @@ class Shim:
                 init.transition(Status.RUNNING)
                 self.init_starting = False
                 self._take_early(init.pid)
-            self._watch_oom()
             return {"pid": init.pid}
 
     def _restore(self) -> None:
@@ -357,9 +357,10 @@ class Shim:
             self.task.init.pid = pid
             self.by_pid[pid] = self.task.init
         self.cgroup_paths = cgroups.paths_of(pid)
+        self._watch_oom()
 
     def _watch_oom(self) -> None:
-        """Once the init runs: its OOM notifications, read on the loop (which owns the poller)."""
+        """Once the init is created: its OOM notifications, read on the loop (which owns the poller)."""
         memory = self.cgroup_paths.get("memory")
         if memory and self.oom is None and self.loop is not None:
             watcher = cgroups.OomWatcher(memory, lambda: self._publish("/tasks/oom", {"container_id": self.id}))
@@ -368,7 +369,7 @@ class Shim:
 
     def _add_oom_watch(self, watcher: cgroups.OomWatcher) -> None:
         with self.lock:
-            running = self.task.init.status in (Status.RUNNING, Status.PAUSED)
+            running = self.task.init.status in (Status.CREATED, Status.RUNNING, Status.PAUSED)
         if not running or self.oom is not None:     # it exited already, or is watched already
             watcher.check()                         # an OOM kill that came first is still told
             watcher.close()

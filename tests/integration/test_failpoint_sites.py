@@ -6,6 +6,7 @@ berthd process, so each step below fires exactly where the test says, once.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import signal
@@ -207,6 +208,24 @@ def test_pull_sites_fire_and_the_pull_recovers(daemon, registry, busybox_image):
     daemon.cli("pull", "--plain-http", ref, namespace=other, timeout=120)
     assert daemon.client(other).images.get(ref)["target"] == image["target"]
     assert failpoints(daemon) == {"transfer.fetch": "0*error(Unavailable)", "snapshot.apply": "0*crash"}
+
+
+def test_a_pull_whose_transfer_actor_is_killed_mid_blob_takes_its_writer_over(daemon, registry, busybox_image):
+    """The transfer actor is killed with a blob's writer open in the content actor (a write held
+    there by a delay). The redelivered pull takes that writer over as soon as the write ends,
+    since its owner is gone: it does not wait out the two minutes an idle writer keeps its lock."""
+    registry.push(busybox_image, "busybox:latest")
+    ref = f"{registry.host}/busybox:latest"
+    ns = unique("t")
+    set_failpoint(daemon, "content.write", "1*delay(2000)")
+    pulling = concurrent.futures.ThreadPoolExecutor(1).submit(
+        daemon.cli, "pull", "--plain-http", ref, namespace=ns, check=False, timeout=60)
+    wait_until(lambda: failpoints(daemon)["content.write"] == "0*delay(2000)", what="a write to be held")
+    os.kill(daemon.actor_pids()["transfer"], signal.SIGKILL)
+    pulled = pulling.result(timeout=90)
+    assert pulled.returncode == 0, pulled.stderr
+    assert restarts(daemon)["transfer"] == 1
+    assert daemon.client(ns).images.get(ref)["target"]["digest"].startswith("sha256:")
 
 
 def test_task_sites_fire_and_tasks_are_cleaned_up(berth):

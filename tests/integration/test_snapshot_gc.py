@@ -3,6 +3,7 @@ content and snapshots alike, down to the directories on disk; a snapshot a conta
 lease holds stays, with every parent under it, until the holder goes."""
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 from actors.snapshot import mounts_under
 from actors.transfer import chain_ids
 from tests.registry import layout_blob, layout_manifest, run
+from tests.support import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="unpacking needs root")
 
@@ -148,6 +150,30 @@ def test_the_unpack_of_a_failed_pull_goes_with_its_lease(daemon, registry, layer
     assert keys(daemon, "overlayfs") == []
     assert snapshot_dirs(daemon) == []
     assert daemon.cli("leases", "ls", "-q").stdout.split() == []
+
+
+def test_what_is_made_while_a_gc_runs_stays(daemon, pushed):
+    """A GC held open between reading its roots and reading what exists: a snapshot and a blob made
+    meanwhile, under a lease made meanwhile, are not in the roots it read, yet both stay."""
+    ref, layout = pushed["busybox"]
+    chains = chains_of(layout)
+    daemon.cli("pull", "--plain-http", ref)
+    client = daemon.client()
+    client.set_failpoint("metadata.gc", "1*delay(2000)")
+    collecting = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: daemon.client().gc())
+    wait_until(lambda: client.failpoints() == [{"name": "metadata.gc", "term": "0*delay(2000)"}],
+               what="the GC to read its roots")
+    with client.lease():
+        client.snapshots.prepare("made-during-gc", chains[-1])
+        blob = client.content.write("made-during-gc", b"made while a GC ran\n")
+        assert not collecting.done()
+        collecting.result(timeout=30)
+    assert client.snapshots.stat("made-during-gc")["kind"] == "active"
+    assert client.content.info(blob["digest"])["size"] == 20
+
+    client.clear_failpoints()
+    daemon.cli("images", "rm", "--sync", ref)
+    assert keys(daemon, "overlayfs") == [] and blobs(daemon) == []
 
 
 def _replace_config(layout: str, manifest: dict, config: dict) -> None:

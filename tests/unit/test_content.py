@@ -2,6 +2,7 @@ import hashlib
 import os
 import sqlite3
 import stat
+import subprocess
 
 import pytest
 
@@ -202,6 +203,33 @@ def test_idle_writer_is_taken_over(store, clock):
         store.writer_open("ns", "r")
     clock.now += store.stale_writer
     assert store.writer_open("ns", "r")["offset"] == 0
+
+
+def test_a_writer_whose_owner_exited_is_taken_over_at_once(store):
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        store.writer_open("ns", "r", owner=content.process_identity(child.pid))
+        store.write("ns", "r", 0, b"half")
+        with pytest.raises(Unavailable):
+            store.writer_open("ns", "r", owner=content.process_identity())
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)     # a zombie, not yet reaped
+        assert store.writer_open("ns", "r", owner=content.process_identity())["offset"] == 4
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_writer_whose_owner_lives_keeps_its_lock(store):
+    store.writer_open("ns", "r", owner=content.process_identity())
+    with pytest.raises(Unavailable):
+        store.writer_open("ns", "r")
+
+
+@pytest.mark.parametrize("owner", ["", "1", "0:5", "12:x", "12:5:6", "-1:5"])
+def test_malformed_owners_are_refused(store, owner):
+    with pytest.raises(InvalidArgument, match="process identity"):
+        store.writer_open("ns", "r", owner=owner)
 
 
 def test_lock_is_exclusive_across_store_instances(tmp_path):
