@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from socketserver import ThreadingMixIn
@@ -15,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("berth.metrics")
+
+COLLECT_ATTEMPTS = 5
 
 REQUESTS = Counter("berth_requests_total", "Requests answered, by service, method and code",
                    ["service", "method", "code"])
@@ -63,8 +66,19 @@ class MetricsServer:
             return [b"not found; metrics are at /v1/metrics\n"]
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        for attempt in range(COLLECT_ATTEMPTS):
+            try:
+                body = generate_latest(registry)
+                break
+            except (OSError, ValueError, struct.error) as e:
+                # an actor came or went during the scrape: a new one's file may be read before
+                # it has its size (empty: struct.error), a dead one's may be gone; read again
+                if attempt == COLLECT_ATTEMPTS - 1:
+                    log.warning("metrics: samples' files kept changing under the scrape: %s", e)
+                    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                    return [b"actors came and went during the scrape; try again\n"]
         start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
-        return [generate_latest(registry)]
+        return [body]
 
     def close(self) -> None:
         self.server.shutdown()
