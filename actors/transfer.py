@@ -1369,7 +1369,8 @@ class Pusher:
 
 class ContentProxy:
     """The content store's methods, answered by the content actor over the bus; every call
-    carries the transfer's lease, so what it writes is held from the moment it exists."""
+    carries the transfer's lease, so what it writes is held from the moment it exists, and what
+    it finds stored already (and may build on) is held before it looks."""
 
     def __init__(self, actor: "TransferActor", lease: str | None):
         self.actor = actor
@@ -1380,6 +1381,9 @@ class ContentProxy:
                                frames=frames, with_frames=with_frames)
 
     def info(self, ns: str, digest: str) -> dict:
+        if self.lease:
+            self.actor.call("metadata", "add_lease_resource",
+                            {"lease": self.lease, "type": "content", "id": digest}, namespace=ns)
         return self._call("info", ns, {"digest": digest})
 
     def read(self, ns: str, digest: str, offset: int = 0, size: int = -1) -> bytes:

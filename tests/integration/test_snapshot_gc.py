@@ -176,6 +176,35 @@ def test_what_is_made_while_a_gc_runs_stays(daemon, pushed):
     assert keys(daemon, "overlayfs") == [] and blobs(daemon) == []
 
 
+def test_a_pull_holds_what_it_finds_stored_against_a_gc_meanwhile(daemon, pushed):
+    """A pull that finds an image's manifest and config stored (an earlier image left them,
+    unreferenced) builds on them: a GC while it fetches the rest must not take them away."""
+    ref = pushed["busybox"][0]
+    daemon.cli("pull", "--plain-http", ref)
+    client = daemon.client()
+    manifest = client.images.get(ref)["target"]["digest"]
+    layer = json.loads(client.content.read_all(manifest))["layers"][0]["digest"]
+    client.set_failpoint("metadata.gc", "1*error(Unavailable)")     # the GC images rm schedules fails
+    daemon.cli("images", "rm", ref)
+    wait_until(lambda: client.failpoints() == [{"name": "metadata.gc", "term": "0*error(Unavailable)"}],
+               what="the scheduled GC")
+    daemon.cli("content", "rm", layer)
+    stored = set(daemon.cli("content", "ls", "-q").stdout.split())
+    assert manifest in stored and layer not in stored
+
+    client.set_failpoint("transfer.fetch", "1*delay(2000)")        # the layer's download waits
+    pulling = concurrent.futures.ThreadPoolExecutor(1).submit(
+        daemon.cli, "pull", "--plain-http", ref, check=False, timeout=60)
+    wait_until(lambda: {"name": "transfer.fetch", "term": "0*delay(2000)"} in client.failpoints(),
+               what="the layer's download to wait")
+    daemon.cli("gc")
+    pulled = pulling.result(timeout=60)
+    assert pulled.returncode == 0, pulled.stderr
+    assert {manifest, layer} <= set(daemon.cli("content", "ls", "-q").stdout.split())
+    assert client.images.get(ref)["target"]["digest"] == manifest
+    client.clear_failpoints()
+
+
 def _replace_config(layout: str, manifest: dict, config: dict) -> None:
     """Point the layout's "latest" at a manifest with `config` (blobs written, index rewritten)."""
     import hashlib
