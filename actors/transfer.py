@@ -1373,17 +1373,21 @@ class ContentProxy:
     it finds stored already (and may build on) is held before it looks."""
 
     def __init__(self, actor: "TransferActor", lease: str | None):
+        from actors.content import process_identity     # content imports this module
         self.actor = actor
         self.lease = lease
+        self.owner = process_identity()     # should this process die mid-write, its writers are free
+        self.held: set[tuple[str, str]] = set()
 
     def _call(self, method: str, ns: str, args: dict, frames: list[bytes] = (), with_frames: bool = False):
         return self.actor.call("content", method, args, namespace=ns, lease=self.lease,
                                frames=frames, with_frames=with_frames)
 
     def info(self, ns: str, digest: str) -> dict:
-        if self.lease:
+        if self.lease and (ns, digest) not in self.held:        # once: a wait for a ref asks often
             self.actor.call("metadata", "add_lease_resource",
                             {"lease": self.lease, "type": "content", "id": digest}, namespace=ns)
+            self.held.add((ns, digest))
         return self._call("info", ns, {"digest": digest})
 
     def read(self, ns: str, digest: str, offset: int = 0, size: int = -1) -> bytes:
@@ -1394,11 +1398,8 @@ class ContentProxy:
         return self._call("update", ns, {"digest": digest, "labels": labels, "fieldpaths": list(fieldpaths)})
 
     def writer_open(self, ns: str, ref: str, total: int | None = None, expected: str | None = None) -> dict:
-        """Opened as this process's: should it die mid-write (a redelivered pull then writes the
-        same ref), the content actor hands the writer over at once."""
-        from actors.content import process_identity
         return self._call("writer_open", ns, {"ref": ref, "total": total, "expected": expected,
-                                              "owner": process_identity()})
+                                              "owner": self.owner})
 
     def write(self, ns: str, ref: str, offset: int, data: bytes) -> dict:
         return self._call("write", ns, {"ref": ref, "offset": offset}, frames=[data])

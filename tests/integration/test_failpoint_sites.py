@@ -218,11 +218,11 @@ def test_a_pull_whose_transfer_actor_is_killed_mid_blob_takes_its_writer_over(da
     ref = f"{registry.host}/busybox:latest"
     ns = unique("t")
     set_failpoint(daemon, "content.write", "1*delay(2000)")
-    pulling = concurrent.futures.ThreadPoolExecutor(1).submit(
-        daemon.cli, "pull", "--plain-http", ref, namespace=ns, check=False, timeout=60)
-    wait_until(lambda: failpoints(daemon)["content.write"] == "0*delay(2000)", what="a write to be held")
-    os.kill(daemon.actor_pids()["transfer"], signal.SIGKILL)
-    pulled = pulling.result(timeout=90)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pulling = pool.submit(daemon.cli, "pull", "--plain-http", ref, namespace=ns, check=False, timeout=60)
+        wait_until(lambda: failpoints(daemon)["content.write"] == "0*delay(2000)", what="a write to be held")
+        os.kill(daemon.actor_pids()["transfer"], signal.SIGKILL)
+        pulled = pulling.result(timeout=90)
     assert pulled.returncode == 0, pulled.stderr
     assert restarts(daemon)["transfer"] == 1
     assert daemon.client(ns).images.get(ref)["target"]["digest"].startswith("sha256:")

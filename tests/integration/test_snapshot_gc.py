@@ -160,14 +160,15 @@ def test_what_is_made_while_a_gc_runs_stays(daemon, pushed):
     daemon.cli("pull", "--plain-http", ref)
     client = daemon.client()
     client.set_failpoint("metadata.gc", "1*delay(2000)")
-    collecting = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: daemon.client().gc())
-    wait_until(lambda: client.failpoints() == [{"name": "metadata.gc", "term": "0*delay(2000)"}],
-               what="the GC to read its roots")
-    with client.lease():
-        client.snapshots.prepare("made-during-gc", chains[-1])
-        blob = client.content.write("made-during-gc", b"made while a GC ran\n")
-        assert not collecting.done()
-        collecting.result(timeout=30)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        collecting = pool.submit(daemon.cli, "gc")
+        wait_until(lambda: client.failpoints() == [{"name": "metadata.gc", "term": "0*delay(2000)"}],
+                   what="the GC to read its roots")
+        with client.lease():
+            client.snapshots.prepare("made-during-gc", chains[-1])
+            blob = client.content.write("made-during-gc", b"made while a GC ran\n")
+            assert not collecting.done()
+            collecting.result(timeout=30)
     assert client.snapshots.stat("made-during-gc")["kind"] == "active"
     assert client.content.info(blob["digest"])["size"] == 20
 
@@ -193,12 +194,12 @@ def test_a_pull_holds_what_it_finds_stored_against_a_gc_meanwhile(daemon, pushed
     assert manifest in stored and layer not in stored
 
     client.set_failpoint("transfer.fetch", "1*delay(2000)")        # the layer's download waits
-    pulling = concurrent.futures.ThreadPoolExecutor(1).submit(
-        daemon.cli, "pull", "--plain-http", ref, check=False, timeout=60)
-    wait_until(lambda: {"name": "transfer.fetch", "term": "0*delay(2000)"} in client.failpoints(),
-               what="the layer's download to wait")
-    daemon.cli("gc")
-    pulled = pulling.result(timeout=60)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pulling = pool.submit(daemon.cli, "pull", "--plain-http", ref, check=False, timeout=60)
+        wait_until(lambda: {"name": "transfer.fetch", "term": "0*delay(2000)"} in client.failpoints(),
+                   what="the layer's download to wait")
+        daemon.cli("gc")
+        pulled = pulling.result(timeout=60)
     assert pulled.returncode == 0, pulled.stderr
     assert {manifest, layer} <= set(daemon.cli("content", "ls", "-q").stdout.split())
     assert client.images.get(ref)["target"]["digest"] == manifest
